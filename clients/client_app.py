@@ -1,0 +1,130 @@
+"""The editing party: a thin Flower ClientApp around `editing/`.
+
+train: take my partition's requests for this round, put the current global edits on my copy of the
+model, run MEMIT, reply with exactly the fields the server asked for (never keys or request text).
+evaluate: score the global model on my own requests edited so far; reply with sums and counts so
+the server can form exact global means without seeing a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from editing.evaluate import EvalResult, evaluate, evaluate_cached
+from editing.memit import applied, compute_z, edit, layer_edit
+from editing.models import cache_dir
+from editing.workspace import Workspace, open_workspace
+from sim.config import RunConfig, split_requests
+from strategies import payload
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+# Loaded once per worker process: virtual clients hop between Ray actors, so nothing here may be
+# specific to one client (per-client state lives in context.state).
+
+
+def workspace(cfg: RunConfig) -> Workspace:
+    return open_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers,
+                          mom2_update_weight=cfg.mom2_update_weight,
+                          v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,
+                          cov_max_length=cfg.cov_max_length, data_dir=cfg.data_dir or None,
+                          progress=False)
+
+
+def _identity(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _global_deltas(msg: Message) -> dict[int, torch.Tensor]:
+    return {l: torch.from_numpy(d) for l, d in payload.decode_deltas(msg.content["global"]).items()}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_flower(context.run_config)
+    pid, n = _identity(context)
+    if pid in cfg.failing_partitions:
+        raise RuntimeError(f"client {pid}: failure drill (fail-clients={cfg.fail_clients!r})")
+    config = msg.content["config"]
+    rnd = int(config["server-round"])
+    wanted = [f for f in str(config["wanted"]).split(",") if f]
+    stage = [int(x) for x in str(config["layers"]).split(",")]
+    ws = workspace(cfg)
+    requests = split_requests(cfg, n)[pid][rnd - 1]
+    past = ({l: torch.from_numpy(f["kkt"]) for l, f in payload.decode(msg.content["past-kkt"]).items()}
+            if "past-kkt" in msg.content.array_records else None)
+    cov = ws.covariance(cfg.beta0, cfg.beta1, past)
+    metrics = {"partition-id": pid, "num-edits": len(requests)}
+    with applied(ws.lm, _global_deltas(msg)):
+        if tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
+            result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates)
+            edits = result.layers
+            metrics["p-target"] = float(result.z.p_target.mean())
+            with applied(ws.lm, result.deltas):
+                metrics["local-es"] = _rewrite_success(ws, requests)
+        else:  # layerwise: this layer only, on the model with the layers merged so far
+            z = _round_z(context, ws, requests, rnd)
+            layer = stage[0]
+            edits = {layer: layer_edit(ws.lm, requests, z, layer, ws.hp, cov[layer], ws.templates)}
+    fields = {l: {f: getattr(e, f).numpy() for f in wanted} for l, e in edits.items()}
+    for l, e in edits.items():
+        metrics[f"residual-norm.{l}"] = float(e.residual_norms.mean())
+    # per-request residual norms of the first layer: lets a party spot requests the model
+    # already knows (overlap) without revealing which requests they are
+    first = edits[min(edits)]
+    metrics["residual-norms"] = [float(x) for x in first.residual_norms]
+    return Message(RecordDict({"payload": payload.encode(fields), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def _round_z(context: Context, ws: Workspace, requests, rnd: int) -> torch.Tensor:
+    """z is optimised once per round, on the global model as the round began (the first layer's
+    exchange), and kept in the client's state for the later layers."""
+    key = f"z-round-{rnd}"
+    if key not in context.state.array_records:
+        z = compute_z(ws.lm, requests, ws.hp, ws.templates).z
+        context.state[key] = ArrayRecord({"z": Array(z.numpy())})
+    return torch.from_numpy(context.state[key]["z"].numpy())
+
+
+def _rewrite_success(ws: Workspace, requests) -> float:
+    """Local efficacy: share of my rewrite prompts where the new target beats the old one."""
+    if not all(r.target_true for r in requests):
+        return float("nan")
+    bare = [dataclasses.replace(r, paraphrase_prompts=(), neighborhood_prompts=()) for r in requests]
+    res = evaluate(ws.lm.model, ws.lm.tok, bare)
+    return res.summary().get("es", float("nan"))
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_flower(context.run_config)
+    pid, n = _identity(context)
+    rnd = int(msg.content["config"]["server-round"])
+    ws = workspace(cfg)
+    requests = [r for chunk in split_requests(cfg, n)[pid][:rnd] for r in chunk]
+    deltas = _global_deltas(msg)
+    if all(not d.any() for d in deltas.values()):
+        # the unedited model: its scores are cached per model and request set
+        result = evaluate_cached(ws.lm.model, ws.lm.tok, requests, cache_dir() / "pre_edit",
+                                 ws.lm.fingerprint, batch_size=cfg.eval_batch_size)
+    else:
+        with applied(ws.lm, deltas):
+            result = evaluate(ws.lm.model, ws.lm.tok, requests, batch_size=cfg.eval_batch_size)
+    return Message(RecordDict({"metrics": MetricRecord(metric_sums(result, pid))}), reply_to=msg)
+
+
+def metric_sums(result: EvalResult, pid: int) -> dict:
+    out = {"partition-id": pid}
+    for kind, m in result.metrics.items():
+        for k, v in m.sums.items():
+            out[f"sum.{kind}.{k}"] = float(v)
+            out[f"count.{kind}.{k}"] = int(m.counts[k])
+    return out
+

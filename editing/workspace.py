@@ -1,0 +1,65 @@
+"""What every party needs before editing: the model, its MEMIT settings and the second moments.
+
+Opened once per process (a Ray worker hosts many virtual clients) and kept: loading a model and
+its statistics is the expensive part, the edits themselves are cheap by comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .memit import context_templates, fixed_covariance
+from .models import LoadedModel, MemitHparams, load_model
+from .stats import second_moments
+
+_OPEN: dict[tuple, "Workspace"] = {}
+
+
+@dataclass
+class Workspace:
+    lm: LoadedModel
+    hp: MemitHparams
+    second_moments: dict[int, torch.Tensor]  # E[k k^T] per edited layer, float64
+
+    def covariance(self, beta0: float = 1.0, beta1: float = 0.0, past_kkt=None
+                   ) -> dict[int, torch.Tensor]:
+        """C per layer: beta0 * lam * C0 + beta1 * sum of earlier rounds' K K^T (ALGORITHMS.md
+        section 4); beta0=1, beta1=0 is MEMIT's fixed lam * C0."""
+        cov = fixed_covariance(self.second_moments, beta0 * self.hp.mom2_update_weight)
+        if past_kkt and beta1:
+            cov = {layer: c + beta1 * past_kkt[layer] for layer, c in cov.items()}
+        return cov
+
+    @property
+    def templates(self):
+        return context_templates(self.lm, self.hp.context_templates, self.hp.context_template_tokens)
+
+
+def open_workspace(model: str = "smollm2", *, dtype: str = "float32", device: str = "",
+                   layers=None, mom2_update_weight: float = 0.0, v_num_grad_steps: int = 0,
+                   cov_samples: int = 1000, cov_max_length: int = 256, data_dir=None,
+                   progress: bool = True) -> Workspace:
+    key = (model, dtype, device, str(layers), mom2_update_weight, v_num_grad_steps, cov_samples,
+           cov_max_length, str(data_dir))
+    if key not in _OPEN:
+        lm = load_model(model, device=device or None, dtype=dtype)
+        _OPEN[key] = workspace_for(lm, layers=layers, mom2_update_weight=mom2_update_weight,
+                                   v_num_grad_steps=v_num_grad_steps, cov_samples=cov_samples,
+                                   cov_max_length=cov_max_length, data_dir=data_dir,
+                                   progress=progress)
+    return _OPEN[key]
+
+
+def workspace_for(lm: LoadedModel, *, layers=None, mom2_update_weight=0.0, v_num_grad_steps=0,
+                  cov_samples=1000, cov_max_length=256, data_dir=None, progress=True,
+                  moments: dict | None = None) -> Workspace:
+    """`moments` lets tests hand in second moments instead of measuring them."""
+    hp = lm.spec.hparams.with_overrides(layers=layers or None,
+                                        mom2_update_weight=mom2_update_weight or None,
+                                        v_num_grad_steps=v_num_grad_steps or None)
+    if moments is None:
+        moments = second_moments(lm, hp.layers, sample_size=cov_samples, max_length=cov_max_length,
+                                 data_dir=data_dir, progress=progress)
+    return Workspace(lm=lm, hp=hp, second_moments={l: moments[l] for l in hp.layers})

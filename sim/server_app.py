@@ -1,0 +1,139 @@
+"""The ServerApp: run the configured strategies one after another on the same clients, write
+`<results-dir>/<run-name>/summary.json`, print the comparison table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from editing.evaluate import summarize
+from editing.memit import applied, edit
+from editing.models import describe, weight
+from editing.workspace import Workspace, open_workspace
+from strategies import payload
+from strategies.flower import STRATEGIES, EditStrategy
+
+from .config import RunConfig, split_requests
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config)
+    summary = run(grid, cfg)
+    print(format_table(summary))
+
+
+def server_workspace(cfg: RunConfig) -> Workspace:
+    return open_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers,
+                          mom2_update_weight=cfg.mom2_update_weight,
+                          v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,
+                          cov_max_length=cfg.cov_max_length, data_dir=cfg.data_dir or None)
+
+
+def summarize_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Client sums "sum.<kind>.<metric>" / "count.<kind>.<metric>" -> global means (0-100)."""
+    out: dict[str, float] = {}
+    for kind in sorted({k.split(".")[1] for k in sums if k.startswith("sum.")}):
+        s = {k.split(".")[2]: v for k, v in sums.items() if k.startswith(f"sum.{kind}.")}
+        c = {k.split(".")[2]: int(v) for k, v in sums.items() if k.startswith(f"count.{kind}.")}
+        out.update(summarize(s, c, kind))
+    return out
+
+
+def build_strategy(name: str, cfg: RunConfig, ws: Workspace, num_clients: int) -> EditStrategy:
+    layers = list(ws.hp.layers)
+    params = {"task-arithmetic": {"lam": cfg.ta_lambda},
+              "ties": {"density": cfg.ties_density, "lam": cfg.ties_lambda}}.get(name, {})
+    lam_c0 = {l: (ws.hp.mom2_update_weight * ws.second_moments[l]).numpy() for l in layers}
+    return STRATEGIES[name](
+        layers=layers, shapes={l: tuple(weight(ws.lm.model, ws.lm.spec, l).shape) for l in layers},
+        lam_c0=lam_c0, beta0=cfg.beta0, beta1=cfg.beta1, protocol=cfg.protocol,
+        min_clients=cfg.min_clients, params=params, summarize=summarize_sums,
+        central_edit=central_editor(cfg, ws, num_clients))
+
+
+def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
+    """GLOBAL-EDIT: the server edits every client's requests of the round itself (not private)."""
+
+    def central_edit(rnd: int, global_deltas: dict, cov: dict) -> tuple[dict, dict]:
+        this_round = [r for part in split_requests(cfg, num_clients) for r in part[rnd - 1]]
+        current = {l: torch.from_numpy(d) for l, d in global_deltas.items()}
+        with applied(ws.lm, current):
+            result = edit(ws.lm, this_round, ws.hp, {l: torch.from_numpy(c) for l, c in cov.items()},
+                          mode=cfg.edit_mode, templates=ws.templates, progress=True)
+        return ({l: e.delta.numpy() for l, e in result.layers.items()},
+                {l: e.kkt.numpy() for l, e in result.layers.items()})
+
+    return central_edit
+
+
+def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
+    ws = ws or server_workspace(cfg)
+    num_clients = len(list(grid.get_node_ids()))
+    run_name = cfg.run_name or f"{cfg.strategy.replace(',', '+')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.results_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    zeros = payload.encode_deltas({l: np.zeros(tuple(weight(ws.lm.model, ws.lm.spec, l).shape))
+                                   for l in ws.hp.layers})
+    summary = {"config": cfg.to_dict(), "model": describe(ws.lm), "num_clients": num_clients,
+               "hparams": {k: v for k, v in vars(ws.hp).items()}, "strategies": {}}
+    finals = {}
+    for name in cfg.strategies:
+        strategy = build_strategy(name, cfg, ws, num_clients)
+        t0 = time.perf_counter()
+        result = strategy.start(grid, zeros, num_rounds=cfg.num_server_rounds,
+                                timeout=cfg.round_timeout)
+        finals[name] = payload.decode_deltas(result.arrays)
+        summary["strategies"][name] = {"private": strategy.private, "seconds": time.perf_counter() - t0,
+                                       "rounds": strategy.history}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if "collabedit" in finals and "global" in finals:
+        # how far the private merge is from editing everything centrally, in the weights
+        summary["collabedit_vs_global_rel_diff"] = {
+            str(l): float(np.linalg.norm(finals["collabedit"][l] - finals["global"][l]) /
+                          max(np.linalg.norm(finals["global"][l]), 1e-300)) for l in ws.hp.layers}
+    summary["path"] = str(run_dir / "summary.json")
+    summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    log.info("summary written to %s", summary["path"])
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The last round of every strategy, one row each."""
+    rows = []
+    for name, s in summary["strategies"].items():
+        last = s["rounds"][-1]
+        m = last["metrics"]
+        up = last["bytes_up"]
+        rows.append([name + ("" if s["private"] else " (not private)"),
+                     *(m.get(k, math.nan) for k in ("es", "ps", "ns", "ea", "pa", "na", "score")),
+                     (sum(up.values()) / len(up) / 2**20) if up else 0.0, s["seconds"],
+                     len(last["failed"])])
+    cols = ["strategy", "ES", "PS", "NS", "EA", "PA", "NA", "Score", "MiB up/client", "s", "failed"]
+    keep = [i for i, c in enumerate(cols) if i == 0 or any(
+        not (isinstance(r[i], float) and math.isnan(r[i])) for r in rows)]
+    cfg = summary["config"]
+    lines = [f"{summary['model']['name']} | {cfg['dataset']} | {summary['num_clients']} clients x "
+             f"{cfg['edits-per-client']} edits x {cfg['num-server-rounds']} round(s) | "
+             f"{cfg['edit-mode']} MEMIT, {cfg['protocol']}",
+             "  ".join(f"{cols[i]:>24}" if i == 0 else f"{cols[i]:>8}" for i in keep)]
+    for r in rows:
+        lines.append("  ".join(f"{r[i]:>24}" if i == 0 else (f"{r[i]:>8.2f}" if isinstance(
+            r[i], float) else f"{r[i]:>8}") for i in keep))
+    if "collabedit_vs_global_rel_diff" in summary:
+        worst = max(summary["collabedit_vs_global_rel_diff"].values())
+        lines.append(f"CollabEdit vs GLOBAL weights: largest relative difference {worst:.2e}")
+    lines.append(f"summary: {summary.get('path', '')}")
+    return "\n".join(lines)

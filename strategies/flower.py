@@ -1,0 +1,284 @@
+"""Flower strategies: thin wrappers that move arrays and call the merge rules in `merge.py`.
+
+Every strategy streams: replies are pulled one at a time, validated, folded into the running sums
+of `merge.py`'s accumulators and dropped, so server memory does not grow with the number of
+clients (Flower's `send_and_receive` would hold every reply at once).
+
+Message contents (server -> client): "global" (the cumulative merged deltas, "<layer>.delta"),
+"past-kkt" (sum of earlier rounds' K K^T, only with a dynamic covariance) and "config" (round,
+the layers of this exchange, the fields wanted). Client -> server: "payload" ("<layer>.<field>")
+and "metrics".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from . import payload
+from .merge import PayloadError, dynamic_cov, make_merge, validate_layer_payload, validate_layers
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """Fewer clients than the configured minimum sent a usable reply."""
+
+
+def stream_replies(grid: Grid, messages: list[Message], timeout: float,
+                   missing: Callable[[int], None]) -> Iterator[Message]:
+    """Push all messages, then yield replies as they arrive; report nodes that never answered."""
+    pending = {mid: m.metadata.dst_node_id for mid, m in
+               zip(grid.push_messages(messages), messages) if mid}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        got = False
+        for reply in grid.pull_messages(list(pending)):
+            pending.pop(reply.metadata.reply_to_message_id, None)
+            got = True
+            yield reply
+        if not got:
+            time.sleep(0.2)
+    for node in pending.values():
+        missing(node)
+
+
+class EditStrategy(Strategy):
+    """Rounds of: broadcast the global deltas, clients edit, merge the replies, evaluate."""
+
+    name = ""
+    needs: tuple[str, ...] = ("delta",)
+    private = True
+
+    def __init__(self, *, layers: list[int], shapes: dict[int, tuple[int, int]],
+                 lam_c0: dict[int, np.ndarray] | None = None, beta0: float = 1.0,
+                 beta1: float = 0.0, protocol: str = "one-shot", min_clients: int = 1,
+                 params: dict | None = None, summarize: Callable[[dict], dict] | None = None,
+                 central_edit: Callable | None = None):
+        self.layers, self.shapes = list(layers), shapes
+        self.lam_c0 = lam_c0 or {}
+        self.beta0, self.beta1 = beta0, beta1
+        self.protocol, self.min_clients = protocol, min_clients
+        self.params = params or {}
+        self.summarize = summarize or (lambda sums: sums)
+        self.central_edit = central_edit
+        self.past_kkt: dict[int, np.ndarray] = {}  # earlier rounds only: C changes between rounds
+        self.round_kkt: dict[int, np.ndarray] = {}
+        self.history: list[dict] = []
+        self._record: dict = {}
+        self._stage: list[int] = self.layers
+
+    # -- what clients are asked for and how one layer is merged -------------------------------
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        # a dynamic covariance needs every client's K K^T, whatever the merge
+        return tuple(dict.fromkeys(self.needs + (("kkt",) if self.beta1 else ())))
+
+    def covariance(self, layer: int) -> np.ndarray:
+        return dynamic_cov(self.lam_c0[layer], 1.0, self.beta0, self.beta1,
+                           self.past_kkt.get(layer))
+
+    def merger(self, layer: int):
+        return make_merge(self.name, name=f"layer {layer}", **self.params)
+
+    def summary(self) -> None:
+        log.info("%s: layers %s, protocol %s, wants %s, params %s", self.name, self.layers,
+                 self.protocol, self.wanted, self.params)
+
+    # -- Flower's Strategy interface ----------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**config, "server-round": server_round, "wanted": ",".join(self.wanted),
+                               "layers": ",".join(map(str, self._stage))})
+        content = {"global": arrays, "config": config}
+        if self.beta1 and self.past_kkt:
+            content["past-kkt"] = payload.encode({l: {"kkt": k} for l, k in self.past_kkt.items()})
+        return self._to_all(grid, RecordDict(content), MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        merges = {layer: self.merger(layer) for layer in self._stage}
+        expected = {f: self._shape(f, layer) for layer in self._stage for f in self.wanted}
+        ok = 0
+        for reply in replies:
+            client = self._client(reply)
+            try:
+                arrays = self._check(reply, client, expected)
+            except (PayloadError, ValueError, KeyError) as err:
+                self._fail(client, str(err))
+                continue
+            for layer, fields in arrays.items():
+                merges[layer].add({f: fields[f] for f in self.needs})
+                if "kkt" in fields and self.beta1:
+                    self.round_kkt[layer] = self.round_kkt.get(layer, 0) + fields["kkt"]
+            del arrays  # the reply's arrays are folded in: nothing of it is kept
+            ok += 1
+            label = f"client {client}"
+            self._record["bytes_up"][label] = self._record["bytes_up"].get(label, 0) + \
+                payload.nbytes(reply.content["payload"])
+            self._record["client_metrics"].setdefault(label, []).append(
+                dict(reply.content["metrics"]))
+        if ok < self.min_clients:
+            raise RoundFailed(f"round {server_round}: {ok} client(s) succeeded, fewer than "
+                              f"min-clients={self.min_clients}; failures: {self._record['failed']}")
+        merged = {layer: m.result() for layer, m in merges.items()}
+        return self._add_to_global(self._global, merged), MetricRecord({"clients-ok": ok})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**config, "server-round": server_round})
+        return self._to_all(grid, RecordDict({"global": arrays, "config": config}),
+                            MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        sums: dict[str, float] = {}
+        for reply in replies:
+            if reply.has_error():
+                self._fail(self._client(reply), f"evaluate: {reply.error.reason}")
+                continue
+            for k, v in reply.content["metrics"].items():
+                if k.startswith(("sum.", "count.")):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        return MetricRecord(self.summarize(sums)) if sums else None
+
+    # -- the rounds ---------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1,
+              timeout: float = 86400.0, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        result, arrays = Result(), initial_arrays
+        train_config = train_config or ConfigRecord()
+        for rnd in range(1, num_rounds + 1):
+            t0 = time.perf_counter()
+            self._record = {"round": rnd, "bytes_up": {}, "bytes_down": 0, "failed": [],
+                            "client_metrics": {}}
+            arrays = self.train_round(grid, rnd, arrays, train_config, timeout)
+            self.past_kkt = {l: self.past_kkt.get(l, 0) + k for l, k in self.round_kkt.items()}
+            self.round_kkt = {}
+            t1 = time.perf_counter()
+            messages = list(self.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(),
+                                                    grid))
+            metrics = self.aggregate_evaluate(rnd, stream_replies(
+                grid, messages, timeout, lambda node: self._fail(node, "no evaluate reply")))
+            result.arrays = arrays
+            if metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = metrics
+            self._record.update(metrics=dict(metrics or {}), seconds_train=t1 - t0,
+                                seconds_eval=time.perf_counter() - t1)
+            self.history.append(self._record)
+            log.info("%s round %d: %s", self.name, rnd, dict(metrics or {}))
+        return result
+
+    def train_round(self, grid, rnd, arrays, config, timeout) -> ArrayRecord:
+        stages = [[l] for l in self.layers] if self.protocol == "layerwise" else [self.layers]
+        for stage in stages:
+            self._stage, self._global = stage, arrays
+            messages = list(self.configure_train(rnd, arrays, config, grid))
+            self._record["bytes_down"] += sum(
+                sum(payload.nbytes(r) for r in m.content.array_records.values()) for m in messages)
+            arrays, _ = self.aggregate_train(rnd, stream_replies(
+                grid, messages, timeout, lambda node: self._fail(node, "no train reply")))
+        self._stage = self.layers
+        return arrays
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _to_all(self, grid, content: RecordDict, kind: str) -> list[Message]:
+        return [Message(content=content, dst_node_id=node, message_type=kind)
+                for node in grid.get_node_ids()]
+
+    def _shape(self, field: str, layer: int) -> tuple:
+        d_out, d_in = self.shapes[layer]
+        return (d_in * (d_in + 1) // 2,) if field == "kkt" else (
+            (d_out, d_in) if field in ("delta", "rkt") else ())
+
+    def _client(self, reply: Message) -> str:
+        if reply.has_content() and "metrics" in reply.content.metric_records:
+            pid = reply.content["metrics"].get("partition-id")
+            if pid is not None:
+                return str(int(pid))  # the partition id: "client 3" in every record and message
+        return f"on node {reply.metadata.src_node_id}"
+
+    def _check(self, reply: Message, client: str, expected) -> dict[int, dict[str, np.ndarray]]:
+        """Everything about a reply is checked before any of it touches a sum."""
+        if reply.has_error():
+            raise ValueError(f"client {client} failed: {reply.error.reason}")
+        packed = payload.decode(reply.content["payload"], unpack=False)
+        validate_layers([str(l) for l in packed], [str(l) for l in self._stage], client)
+        for layer, fields in packed.items():
+            validate_layer_payload(fields, expected={f: self._shape(f, layer) for f in self.wanted},
+                                   client=client, layer=str(layer))
+        return payload.decode(reply.content["payload"])
+
+    def _fail(self, client, reason: str) -> None:
+        client = f"client {client}" if isinstance(client, str) else f"client on node {client}"
+        log.warning("%s left out of round %s: %s", client, self._record.get("round"), reason)
+        self._record.setdefault("failed", []).append({"client": client, "reason": reason})
+
+    @staticmethod
+    def _add_to_global(arrays: ArrayRecord, merged: dict[int, np.ndarray]) -> ArrayRecord:
+        current = payload.decode_deltas(arrays)
+        for layer, delta in merged.items():
+            current[layer] = current[layer] + delta
+        return payload.encode_deltas(current)
+
+
+class CollabEditStrategy(EditStrategy):
+    """Delta_G = sum_i R_i K_i^T (C + sum_j K_j K_j^T)^{-1}: clients share R K^T and K K^T only."""
+
+    name = "collabedit"
+    needs = ("rkt", "kkt")
+
+    def merger(self, layer: int):
+        return make_merge(self.name, cov=self.covariance(layer), name=f"layer {layer}")
+
+
+class SimpleAverageStrategy(EditStrategy):
+    name = "simple-average"
+
+
+class TaskArithmeticStrategy(EditStrategy):
+    name = "task-arithmetic"
+
+
+class TiesStrategy(EditStrategy):
+    name = "ties"
+
+
+class UneditedStrategy(EditStrategy):
+    """The unedited model's row: no edits, evaluation only."""
+
+    name = "unedited"
+    needs = ()
+
+    def train_round(self, grid, rnd, arrays, config, timeout) -> ArrayRecord:
+        return arrays
+
+
+class GlobalStrategy(EditStrategy):
+    """GLOBAL-EDIT, the upper bound: all requests edited centrally by the server.
+
+    NOT PRIVATE: the server reads every client's edit requests. It is here to measure how close
+    the private merges come to it, not to be deployed.
+    """
+
+    name = "global"
+    needs = ()
+    private = False
+
+    def train_round(self, grid, rnd, arrays, config, timeout) -> ArrayRecord:
+        cov = {layer: self.covariance(layer) for layer in self.layers}
+        deltas, kkt = self.central_edit(rnd, payload.decode_deltas(arrays), cov)
+        if self.beta1:
+            self.round_kkt = kkt
+        return self._add_to_global(arrays, deltas)
+
+
+STRATEGIES: dict[str, type[EditStrategy]] = {
+    cls.name: cls for cls in (UneditedStrategy, GlobalStrategy, CollabEditStrategy,
+                              SimpleAverageStrategy, TaskArithmeticStrategy, TiesStrategy)}

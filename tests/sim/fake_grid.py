@@ -1,0 +1,69 @@
+"""An in-process Flower Grid: messages go straight to the ClientApp's handler functions.
+
+Every message that crosses it is kept (`sent`, `received`) so tests can inspect what the server
+was given. Strategy logic runs in milliseconds this way; the real runtime is tested separately.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import evaluate_global, train
+
+
+class InProcessGrid(Grid):
+    def __init__(self, num_nodes: int, run_config: dict):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=run_config,
+                             node_config={"partition-id": i, "num-partitions": num_nodes})
+            for i in range(num_nodes)}
+        self._ids = itertools.count()
+        self._queue: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+
+    def set_run(self, run_id):  # pragma: no cover - not used in-process
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{next(self._ids)}"
+            m.metadata.__dict__["_message_id"] = mid
+            self._queue[mid] = m
+            self.sent.append(m)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        for mid in list(message_ids):
+            msg = self._queue.pop(mid, None)
+            if msg is None:
+                continue
+            handler = train if msg.metadata.message_type == MessageType.TRAIN else evaluate_global
+            try:
+                reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as err:  # what the Flower runtime does with a raising ClientApp
+                from flwr.app import Error
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            self.received.append(reply)
+            yield reply
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(self.pull_messages(self.push_messages(messages)))

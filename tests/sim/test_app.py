@@ -1,0 +1,205 @@
+"""The Flower app end to end over an in-process grid, on a tiny float64 Llama: merge identities,
+robustness against bad clients, and what the server gets to see."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Message, RecordDict
+
+import clients.client_app as client_app
+import sim.config as config
+import sim.server_app as server_app
+from editing.data import EditRequest
+from editing.memit import edit
+from editing.models import wrap_model
+from editing.workspace import workspace_for
+from sim.config import RunConfig, split_requests
+from strategies import payload
+from strategies.flower import RoundFailed
+from tests.helpers import tiny_model, tiny_tokenizer
+from tests.sim.fake_grid import InProcessGrid
+
+FACTS = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+         ("{} plays the", "Toko Yasuda", "guitar", "piano"),
+         ("The capital of {} is", "France", "Berlin", "Paris"),
+         ("What is the twin city of {}? It is", "Lyon", "Beirut", "Paris"),
+         ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+         ("{} plays", "Michael Jordan", "soccer", "basketball"),
+         ("{} was developed by", "Windows", "Google", "Microsoft"),
+         ("The Louvre is a museum in {}, the capital of", "Paris", "Germany", "France")]
+REQUESTS = [EditRequest(str(i), p, s, new, true, paraphrase_prompts=(f"So, {p}",),
+                        neighborhood_prompts=("The capital of Germany is",), source="counterfact")
+            for i, (p, s, new, true) in enumerate(FACTS)]
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    lm = wrap_model(tiny_model("llama"), tiny_tokenizer("llama"), "tiny-llama")
+    d_in = lm.model.config.intermediate_size
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64)
+    moments = {l: a @ a.T / d_in + torch.eye(d_in, dtype=torch.float64) for l in range(4)}
+    ws = workspace_for(lm, layers="1-2", mom2_update_weight=0.5, v_num_grad_steps=5,
+                       moments=moments)
+    ws.hp = ws.hp.with_overrides(context_templates=2, context_template_tokens=4)
+    monkeypatch.setattr(client_app, "workspace", lambda cfg: ws)
+    monkeypatch.setattr(server_app, "server_workspace", lambda cfg: ws)
+    monkeypatch.setattr(config, "load_requests", lambda *a, **k: REQUESTS[: k.get("limit")])
+    monkeypatch.setenv("COLLABEDIT_CACHE", str(tmp_path / "cache"))
+    config._SPLITS.clear()
+    return ws
+
+
+def run_config(tmp_path, **kw):
+    base = {"strategy": "global,collabedit", "edits-per-client": 2, "num-server-rounds": 1,
+            "edit-mode": "parallel", "protocol": "one-shot", "results-dir": str(tmp_path),
+            "run-name": "t", "dataset": "demo"}
+    base.update(kw)
+    return base
+
+
+def run(tmp_path, clients=4, grid_cls=InProcessGrid, **kw):
+    rc = run_config(tmp_path, **kw)
+    grid = grid_cls(clients, rc)
+    return server_app.run(grid, RunConfig.from_flower(rc)), grid
+
+
+def final_deltas(summary_path, ws, tmp_path):
+    return json.loads(open(summary_path).read())
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_parallel_collabedit_equals_global(tiny, tmp_path):
+    summary, _ = run(tmp_path)
+    gaps = summary["collabedit_vs_global_rel_diff"]
+    assert set(gaps) == {"1", "2"} and max(gaps.values()) <= 1e-8
+    cm, gm = (summary["strategies"][s]["rounds"][-1]["metrics"] for s in ("collabedit", "global"))
+    assert cm["es"] == pytest.approx(gm["es"]) and cm["n"] == gm["n"] == 8
+
+
+def test_layerwise_sequential_collabedit_equals_sequential_global(tiny, tmp_path):
+    one_shot, _ = run(tmp_path, **{"edit-mode": "sequential"})
+    layerwise, _ = run(tmp_path, **{"edit-mode": "sequential", "protocol": "layerwise"})
+    assert max(layerwise["collabedit_vs_global_rel_diff"].values()) <= 1e-8
+    # one-shot sequential is only an approximation (ALGORITHMS.md section 2): the gap is real
+    assert one_shot["collabedit_vs_global_rel_diff"]["2"] > 1e-6
+    assert one_shot["collabedit_vs_global_rel_diff"]["1"] <= 1e-8  # first layer: same model
+
+
+def test_baselines_equal_their_formulas_on_client_deltas(tiny, tmp_path):
+    summary, grid = run(tmp_path, strategy="simple-average,task-arithmetic,ties",
+                        **{"ta-lambda": 0.7})
+    cfg = RunConfig.from_flower(run_config(tmp_path))
+    cov = tiny.covariance()
+    deltas = [edit(tiny.lm, split_requests(cfg, 4)[i][0], tiny.hp, cov, mode="parallel",
+                   templates=tiny.templates).deltas for i in range(4)]
+    from strategies.merge import ties
+    results = {}
+    for reply in grid.received:
+        if "payload" in reply.content:
+            got = payload.decode(reply.content["payload"])
+            assert set(got[1]) == {"delta"}
+    for layer in (1, 2):
+        ds = [d[layer].numpy() for d in deltas]
+        results[layer] = {"simple-average": np.mean(ds, axis=0), "task-arithmetic": 0.7 * np.sum(ds, 0),
+                          "ties": ties(ds, 0.2, 0.4)}
+    # the server's merged arrays are the last "global" each strategy sent for evaluation
+    evals = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    for name, msgs in zip(("simple-average", "task-arithmetic", "ties"),
+                          (evals[0:4], evals[4:8], evals[8:12])):
+        merged = payload.decode_deltas(msgs[0].content["global"])
+        for layer in (1, 2):
+            assert rel(merged[layer], results[layer][name]) <= 1e-10, (name, layer)
+
+
+class FaultyGrid(InProcessGrid):
+    """Clients 1, 2, 3 and 5 send bad arrays, client 4 raises; client 0 is fine."""
+
+    def pull_messages(self, message_ids):
+        for reply in super().pull_messages(message_ids):
+            pid = reply.content["metrics"]["partition-id"] if reply.has_content() else None
+            if reply.has_content() and "payload" in reply.content:
+                arrays = payload.decode(reply.content["payload"], unpack=False)
+                if pid == 1:
+                    arrays[1]["rkt"][0, 0] = np.nan
+                elif pid == 2:
+                    arrays[2]["rkt"] = arrays[2]["rkt"][:, :-1]
+                elif pid == 3:  # packed transport keeps K K^T symmetric; a negated one is not PSD
+                    arrays[1]["kkt"] = -arrays[1]["kkt"]
+                elif pid == 5:  # a full, non-symmetric matrix where the packed one belongs
+                    square = payload.unpack_symmetric(arrays[1]["kkt"])
+                    square[0, 1] += 1.0
+                    arrays[1]["kkt"] = square
+                records = {f"{l}.{f}": Array(np.ascontiguousarray(v)) for l, fs in arrays.items()
+                           for f, v in fs.items()}
+                from flwr.app import ArrayRecord
+                reply.content = RecordDict({"payload": ArrayRecord(records),
+                                            "metrics": reply.content["metrics"]})
+            yield reply
+
+
+def test_bad_clients_are_left_out_and_reported(tiny, tmp_path):
+    summary, _ = run(tmp_path, clients=6, grid_cls=FaultyGrid, strategy="collabedit",
+                     **{"fail-clients": "4", "edits-per-client": 1})
+    # FACTS has 8 requests: 6 clients x 1 edit
+    failed = summary["strategies"]["collabedit"]["rounds"][0]["failed"]
+    reasons = {f["client"]: f["reason"] for f in failed}
+    assert {"client 1", "client 2", "client 3", "client 5"} <= set(reasons) and len(reasons) == 5
+    assert "finite" in reasons["client 1"] or "NaN" in reasons["client 1"]
+    assert "shape" in reasons["client 2"]
+    assert "semi-definite" in reasons["client 3"]
+    assert "shape" in reasons["client 5"]
+    assert any("failure drill" in r for r in reasons.values())  # client 4 raised
+    rnd = summary["strategies"]["collabedit"]["rounds"][0]
+    assert list(rnd["bytes_up"]) == ["client 0"]  # only the good reply was merged
+    on_disk = json.loads(open(summary["path"]).read())
+    assert on_disk["strategies"]["collabedit"]["rounds"][0]["failed"] == failed
+
+
+def test_round_fails_clearly_below_min_clients(tiny, tmp_path):
+    with pytest.raises(RoundFailed, match="min-clients=3"):
+        run(tmp_path, clients=2, strategy="collabedit", **{"min-clients": 3})
+
+
+def test_server_never_sees_keys_or_request_text(tiny, tmp_path):
+    _, grid = run(tmp_path, strategy="collabedit")
+    d_in = tiny.lm.model.config.intermediate_size
+    d_out = tiny.lm.model.config.hidden_size
+    texts = [s for r in REQUESTS for s in (r.subject, r.prompt, r.target_new, r.target_true)]
+    for reply in grid.received:
+        for name, rec in reply.content.array_records.items():
+            for key, arr in rec.items():
+                field = key.split(".")[1]
+                assert field in ("rkt", "kkt"), key  # never keys, residuals or z
+                shape = tuple(arr.shape)
+                assert shape in ((d_out, d_in), (d_in * (d_in + 1) // 2,)), (key, shape)
+        for rec in reply.content.metric_records.values():
+            for k, v in rec.items():
+                assert not isinstance(v, str)
+        dump = repr(reply.content)
+        assert not any(t in dump for t in texts)
+
+
+def test_summary_json_records_config_metrics_bytes(tiny, tmp_path):
+    summary, _ = run(tmp_path, strategy="unedited,collabedit,simple-average")
+    data = json.loads(open(summary["path"]).read())
+    assert data["config"]["strategy"] == "unedited,collabedit,simple-average"
+    for name in ("unedited", "collabedit", "simple-average"):
+        rnd = data["strategies"][name]["rounds"][0]
+        assert {"es", "ps", "ns", "score"} <= set(rnd["metrics"])
+        assert rnd["seconds_train"] >= 0 and rnd["failed"] == []
+    d_in, d_out = tiny.lm.model.config.intermediate_size, tiny.lm.model.config.hidden_size
+    per_layer_collab = 8 * (d_out * d_in + d_in * (d_in + 1) // 2)
+    # bytes as serialised: the raw float64 data plus a small .npy header per array
+    collab = data["strategies"]["collabedit"]["rounds"][0]["bytes_up"]["client 0"]
+    assert 2 * per_layer_collab <= collab <= 2 * per_layer_collab + 4 * 256
+    average = data["strategies"]["simple-average"]["rounds"][0]["bytes_up"]["client 0"]
+    assert 2 * 8 * d_out * d_in <= average <= 2 * 8 * d_out * d_in + 2 * 256
+    assert data["strategies"]["unedited"]["rounds"][0]["bytes_up"] == {}
+    table = server_app.format_table(summary)
+    assert "collabedit" in table and "unedited" in table and "Score" in table
