@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_requests
+from .data import dataset_options, load_requests
 from .evaluate import evaluate, evaluate_cached
 from .memit import applied, edit
 from .models import cache_dir, describe
@@ -30,7 +30,7 @@ def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32,
                         mom2_update_weight=mom2_update_weight, v_num_grad_steps=v_num_grad_steps,
                         cov_samples=cov_samples)
     requests = load_requests(dataset, dataset_path, limit=n, offset=offset,
-                             **({"skip_incomplete": True} if dataset == "zsre" else {}))
+                             **dataset_options(dataset))
     t1 = time.perf_counter()
     pre = evaluate_cached(ws.lm.model, ws.lm.tok, requests, cache_dir() / "pre_edit",
                           ws.lm.fingerprint, batch_size=batch_size, progress=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from editing.data import EditRequest, chunks, load_requests, partition
+from editing.data import EditRequest, chunks, dataset_options, load_requests, partition
 
 STRATEGIES = ("unedited", "global", "collabedit", "simple-average", "task-arithmetic", "ties")
 ALL = "all"
@@ -89,12 +89,6 @@ class RunConfig:
 
 
 _SPLITS: dict[tuple, list] = {}
-
-
-def dataset_options(name: str) -> dict:
-    # zsRE records without a locality question cannot be scored for NA: MEMIT's eval file has
-    # them all; the shared subset does not, so they are dropped with a logged count
-    return {"skip_incomplete": True} if name == "zsre" else {}
 
 
 def split_requests(cfg: RunConfig, num_clients: int) -> list[list[list[EditRequest]]]:
