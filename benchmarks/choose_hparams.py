@@ -3,8 +3,8 @@
     python benchmarks/choose_hparams.py --n 32 --offset 200 --layer-sets 3-7,4-8,6-10 \
         --lams 15000,5000,2000,1000,500
 
-For each layer set, z is optimised once (it does not depend on lam); every lam then re-solves the
-layers and re-evaluates. Records come from an offset so the slow test's records (the first 32)
+z is optimised once per last edited layer (it depends on neither lam nor the earlier layers);
+every (layer set, lam) then re-solves the layers and re-evaluates. Records come from an offset so the slow test's records (the first 32)
 are not the ones tuned on. Prints one JSON line per setting.
 """
 
@@ -33,30 +33,39 @@ def main(argv=None):
     ap.add_argument("--mode", default="sequential")
     args = ap.parse_args(argv)
     requests = load_requests(args.dataset, None, limit=args.n, offset=args.offset)
+    by_z_layer: dict[int, list[list[int]]] = {}
     for layer_set in args.layer_sets.split(","):
         layers = parse_layers(layer_set.replace(";", ","))
-        ws = open_workspace("smollm2", layers=layers)
+        by_z_layer.setdefault(layers[-1], []).append(layers)
+    for z_layer, layer_sets in by_z_layer.items():
+        # z is read at the last edited layer only: one optimisation serves every set ending there
+        union = sorted({l for layers in layer_sets for l in layers})
+        ws = open_workspace("smollm2", layers=union)
         t0 = time.perf_counter()
         z = compute_z(ws.lm, requests, ws.hp, ws.templates, progress=True)
         tz = time.perf_counter() - t0
-        for lam in [float(x) for x in args.lams.split(",")]:
-            hp = ws.hp.with_overrides(mom2_update_weight=lam)
-            cov = {l: lam * ws.second_moments[l] for l in layers}
-            deltas = {}
-            if args.mode == "parallel":
-                keys, cur = read_keys(ws.lm, requests, layers, layers[-1], ws.templates)
-                for i, l in enumerate(layers):
-                    deltas[l] = _layer_from(ws.lm, l, keys[l], (z.z.double() - cur) / (len(layers) - i), cov[l]).delta
-            else:
-                for l in layers:
-                    with applied(ws.lm, deltas):
-                        deltas[l] = layer_edit(ws.lm, requests, z.z, l, hp, cov[l], ws.templates).delta
-            with applied(ws.lm, deltas):
-                post = evaluate(ws.lm.model, ws.lm.tok, requests).summary()
-            print(json.dumps({"layers": layer_set, "lam": lam, "mode": args.mode, "n": len(requests),
-                              "offset": args.offset, "z_seconds": round(tz, 1),
-                              "p_target": round(float(z.p_target.mean()), 3),
-                              **{k: round(v, 2) for k, v in post.items()}}), flush=True)
+        for layers in layer_sets:
+            for lam in [float(x) for x in args.lams.split(",")]:
+                hp = ws.hp.with_overrides(layers=layers, mom2_update_weight=lam)
+                cov = {l: lam * ws.second_moments[l] for l in layers}
+                deltas = {}
+                if args.mode == "parallel":
+                    keys, cur = read_keys(ws.lm, requests, layers, layers[-1], ws.templates)
+                    for i, l in enumerate(layers):
+                        residual = (z.z.double() - cur) / (len(layers) - i)
+                        deltas[l] = _layer_from(ws.lm, l, keys[l], residual, cov[l]).delta
+                else:
+                    for l in layers:
+                        with applied(ws.lm, deltas):
+                            deltas[l] = layer_edit(ws.lm, requests, z.z, l, hp, cov[l],
+                                                   ws.templates).delta
+                with applied(ws.lm, deltas):
+                    post = evaluate(ws.lm.model, ws.lm.tok, requests).summary()
+                print(json.dumps({"layers": f"{layers[0]}-{layers[-1]}", "lam": lam,
+                                  "mode": args.mode, "n": len(requests), "offset": args.offset,
+                                  "z_seconds": round(tz, 1),
+                                  "p_target": round(float(z.p_target.mean()), 3),
+                                  **{k: round(v, 2) for k, v in post.items()}}), flush=True)
 
 
 if __name__ == "__main__":

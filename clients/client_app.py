@@ -63,7 +63,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"partition-id": pid, "num-edits": len(requests)}
     with applied(ws.lm, _global_deltas(msg)):
         if tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
-            result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates)
+            result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates,
+                          z_cache=cache_dir() / "z")
             edits = result.layers
             metrics["p-target"] = float(result.z.p_target.mean())
             with applied(ws.lm, result.deltas):
@@ -88,7 +89,7 @@ def _round_z(context: Context, ws: Workspace, requests, rnd: int) -> torch.Tenso
     exchange), and kept in the client's state for the later layers."""
     key = f"z-round-{rnd}"
     if key not in context.state.array_records:
-        z = compute_z(ws.lm, requests, ws.hp, ws.templates).z
+        z = compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z").z
         context.state[key] = ArrayRecord({"z": Array(z.numpy())})
     return torch.from_numpy(context.state[key]["z"].numpy())
 

@@ -36,7 +36,7 @@ def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32,
                           ws.lm.fingerprint, batch_size=batch_size, progress=True)
     t2 = time.perf_counter()
     result = edit(ws.lm, requests, ws.hp, ws.covariance(), mode=mode, templates=ws.templates,
-                  progress=True)
+                  progress=True, z_cache=cache_dir() / "z")
     t3 = time.perf_counter()
     with applied(ws.lm, result.deltas):
         post = evaluate(ws.lm.model, ws.lm.tok, requests, batch_size=batch_size, progress=True)

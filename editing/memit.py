@@ -13,11 +13,15 @@ per edited layer, everything a party may share or keep (`delta`, `kkt`, `rkt`, r
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import EditRequest
@@ -254,12 +258,41 @@ def _z_chunk(lm: LoadedModel, requests, hp: MemitHparams, templates) -> ZResult:
         return _optimise(b, hp, target_init, forward)
 
 
-def compute_z(lm: LoadedModel, requests, hp: MemitHparams, templates, *, progress=False) -> ZResult:
-    parts = [_z_chunk(lm, requests[i:i + hp.z_batch_size], hp, templates)
-             for i in tqdm(range(0, len(requests), hp.z_batch_size), desc="z", unit="batch",
-                           disable=not progress)]
-    return ZResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                     ("z", "z_init", "p_target", "steps")))
+_Z_FIELDS = ("z", "z_init", "p_target", "steps")
+
+
+def z_key(lm: LoadedModel, request: EditRequest, hp: MemitHparams, templates) -> str:
+    """What a request's z depends on: the model as it is now (base weights plus applied deltas),
+    the request, the optimisation settings and the templates; not lam, not the earlier layers."""
+    what = [lm.fingerprint, lm.state, request.prompt, request.subject, request.target_new,
+            hp.layers[-1], _loss_layer(lm, hp), hp.v_lr, hp.v_num_grad_steps,
+            hp.clamp_norm_factor, hp.kl_factor, hp.v_weight_decay, templates]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+
+def compute_z(lm: LoadedModel, requests, hp: MemitHparams, templates, *, progress=False,
+              cache: Path | None = None) -> ZResult:
+    """z for every request, optimised `z_batch_size` requests at a time. With `cache`, a request
+    whose z was computed before on the same model state is read back instead: in one round every
+    strategy (and the GLOBAL upper bound) needs the same z, which is most of the editing cost."""
+    keys = [z_key(lm, r, hp, templates) for r in requests] if cache else []
+    found = {}
+    for i, k in enumerate(keys):
+        if (cache / f"{k}.safetensors").exists():
+            found[i] = load_file(cache / f"{k}.safetensors")
+    todo = [i for i in range(len(requests)) if i not in found]
+    for s in tqdm(range(0, len(todo), hp.z_batch_size), desc="z", unit="batch",
+                  disable=not progress or not todo):
+        idx = todo[s:s + hp.z_batch_size]
+        part = _z_chunk(lm, [requests[i] for i in idx], hp, templates)
+        for j, i in enumerate(idx):
+            found[i] = {f: getattr(part, f)[j].detach().cpu().contiguous() for f in _Z_FIELDS}
+            if cache:
+                cache.mkdir(parents=True, exist_ok=True)
+                save_file(found[i], str(cache / f"{keys[i]}.safetensors"))
+    device = lm.device
+    return ZResult(*(torch.stack([found[i][f] for i in range(len(requests))]).to(
+        device if f in ("z", "z_init") else "cpu") for f in _Z_FIELDS))
 
 
 def compute_z_reference(lm: LoadedModel, request: EditRequest, hp: MemitHparams, templates
@@ -406,20 +439,33 @@ def applied(lm: LoadedModel, deltas: dict[int, torch.Tensor]):
     """Apply {layer: delta} for the duration of the block; the original weights come back bit for
     bit (they are copied, not recomputed by subtraction)."""
     saved = {layer: weight(lm.model, lm.spec, layer).detach().clone() for layer in deltas}
+    state = lm.state
     try:
         for layer, delta in deltas.items():
             add_delta(lm.model, lm.spec, layer, delta)
+        lm.state = _state_after(state, deltas)
         yield lm
     finally:
+        lm.state = state
         with torch.no_grad():
             for layer, w in saved.items():
                 weight(lm.model, lm.spec, layer).copy_(w)
+
+
+def _state_after(state: str, deltas: dict[int, torch.Tensor], scale: float = 1.0) -> str:
+    """A tag for "base weights + these deltas", so caches never confuse two model states."""
+    h = hashlib.sha256(f"{state}|{scale}".encode())
+    for layer in sorted(deltas):
+        h.update(str(layer).encode())
+        h.update(deltas[layer].detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def apply_deltas(lm: LoadedModel, deltas: dict[int, torch.Tensor], scale: float = 1.0) -> None:
     """Permanent: for the server's global model and for clients taking the merged edits."""
     for layer, delta in deltas.items():
         add_delta(lm.model, lm.spec, layer, delta, scale)
+    lm.state = _state_after(lm.state, deltas, scale)
 
 
 # ----------------------------------------------------------------------------- the editor
@@ -443,7 +489,7 @@ def fixed_covariance(second_moments: dict[int, torch.Tensor], lam: float) -> dic
 
 def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
          cov: dict[int, torch.Tensor], *, mode: str = "sequential", templates=None,
-         progress: bool = False) -> EditResult:
+         progress: bool = False, z_cache: Path | None = None) -> EditResult:
     """Run MEMIT on `requests`; the model is left unchanged. `cov[layer]` is the full regulariser C
     (e.g. `fixed_covariance(second_moments, hp.mom2_update_weight)`)."""
     if mode not in ("sequential", "parallel"):
@@ -455,7 +501,7 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
         raise KeyError(f"no covariance for edited layers {missing}")
     templates = templates or context_templates(lm, hp.context_templates, hp.context_template_tokens)
     t0 = time.perf_counter()
-    z = compute_z(lm, requests, hp, templates, progress=progress)
+    z = compute_z(lm, requests, hp, templates, progress=progress, cache=z_cache)
     t1 = time.perf_counter()
     layers: dict[int, LayerEdit] = {}
     if mode == "parallel":

@@ -157,6 +157,7 @@ class LoadedModel:
     spec: ModelSpec
     name: str
     fingerprint: str
+    state: str = ""  # "" = the base weights; else a tag of the deltas applied on top (memit.applied)
 
     @property
     def device(self) -> torch.device:

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from editing.evaluate import summarize
 from editing.memit import applied, edit
-from editing.models import describe, weight
+from editing.models import cache_dir, describe, weight
 from editing.workspace import Workspace, open_workspace
 from strategies import payload
 from strategies.flower import STRATEGIES, EditStrategy
@@ -71,7 +71,8 @@ def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
         current = {l: torch.from_numpy(d) for l, d in global_deltas.items()}
         with applied(ws.lm, current):
             result = edit(ws.lm, this_round, ws.hp, {l: torch.from_numpy(c) for l, c in cov.items()},
-                          mode=cfg.edit_mode, templates=ws.templates, progress=True)
+                          mode=cfg.edit_mode, templates=ws.templates, progress=True,
+                          z_cache=cache_dir() / "z")
         return ({l: e.delta.numpy() for l, e in result.layers.items()},
                 {l: e.kkt.numpy() for l, e in result.layers.items()})
 

@@ -166,3 +166,16 @@ def test_edit_rejects_bad_input():
         edit(lm, REQUESTS, HP, {1: cov_for(lm)[1]}, templates=TEMPLATES)
     with pytest.raises(ValueError, match="no edit requests"):
         edit(lm, [], HP, cov_for(lm), templates=TEMPLATES)
+
+
+def test_z_cache_reuses_per_model_state(tmp_path):
+    lm = lm_for("gpt2")
+    first = compute_z(lm, REQUESTS[:2], HP, TEMPLATES, cache=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    again = compute_z(lm, REQUESTS[1::-1], HP, TEMPLATES, cache=tmp_path)  # order does not matter
+    assert torch.equal(again.z[0], first.z[1]) and torch.equal(again.z[1], first.z[0])
+    # a changed model is a different state: nothing is reused
+    with applied(lm, {2: torch.full_like(weight(lm.model, lm.spec, 2), 1e-3)}):
+        assert lm.state != ""
+        compute_z(lm, REQUESTS[:2], HP, TEMPLATES, cache=tmp_path)
+    assert lm.state == "" and len(list(tmp_path.iterdir())) == 4

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import editing.memit as memit
 from editing.memit import context_templates
 from editing.models import PRESETS, parse_layers, preset_for, wrap_model
 from tests.helpers import tiny_model, tiny_tokenizer
@@ -34,7 +35,7 @@ def test_spec_found_from_config(kind, family, path):
 def test_context_templates_are_seeded():
     lm = wrap_model(tiny_model("llama"), tiny_tokenizer("llama"), "tiny-llama")
     a = context_templates(lm, 3, 6, seed=7)
-    context_templates.__globals__["_TEMPLATE_CACHE"].clear()
+    memit._TEMPLATE_CACHE.clear()
     torch.manual_seed(123)  # the global RNG state must not matter
     b = context_templates(lm, 3, 6, seed=7)
     assert a == b and a[0] == ["{}"] and len(a[1]) == 3
