@@ -259,12 +259,13 @@ def _z_chunk(lm: LoadedModel, requests, hp: MemitHparams, templates) -> ZResult:
 
 
 _Z_FIELDS = ("z", "z_init", "p_target", "steps")
+Z_CACHE_VERSION = 1  # bump whenever the z optimisation changes: old cache files are then ignored
 
 
 def z_key(lm: LoadedModel, request: EditRequest, hp: MemitHparams, templates) -> str:
     """What a request's z depends on: the model as it is now (base weights plus applied deltas),
     the request, the optimisation settings and the templates; not lam, not the earlier layers."""
-    what = [lm.fingerprint, lm.state, request.prompt, request.subject, request.target_new,
+    what = [Z_CACHE_VERSION, lm.fingerprint, lm.state, request.prompt, request.subject, request.target_new,
             hp.layers[-1], _loss_layer(lm, hp), hp.v_lr, hp.v_num_grad_steps,
             hp.clamp_norm_factor, hp.kl_factor, hp.v_weight_decay, templates]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
