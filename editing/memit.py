@@ -454,7 +454,11 @@ def applied(lm: LoadedModel, deltas: dict[int, torch.Tensor]):
 
 
 def _state_after(state: str, deltas: dict[int, torch.Tensor], scale: float = 1.0) -> str:
-    """A tag for "base weights + these deltas", so caches never confuse two model states."""
+    """A tag for "base weights + these deltas", so caches never confuse two model states.
+    All-zero deltas change no weight, so they keep the tag (round 1 of a run = the base model)."""
+    deltas = {layer: d for layer, d in deltas.items() if bool(d.any())}
+    if not deltas or scale == 0:
+        return state
     h = hashlib.sha256(f"{state}|{scale}".encode())
     for layer in sorted(deltas):
         h.update(str(layer).encode())

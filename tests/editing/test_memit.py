@@ -179,3 +179,9 @@ def test_z_cache_reuses_per_model_state(tmp_path):
         assert lm.state != ""
         compute_z(lm, REQUESTS[:2], HP, TEMPLATES, cache=tmp_path)
     assert lm.state == "" and len(list(tmp_path.iterdir())) == 4
+
+
+def test_zero_deltas_keep_the_model_state():
+    lm = lm_for("gpt2")
+    with applied(lm, {1: torch.zeros_like(weight(lm.model, lm.spec, 1))}):
+        assert lm.state == ""
