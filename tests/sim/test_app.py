@@ -8,49 +8,13 @@ import pytest
 import torch
 from flwr.app import Array, Message, RecordDict
 
-import clients.client_app as client_app
-import sim.config as config
 import sim.server_app as server_app
-from editing.data import EditRequest
 from editing.memit import edit
-from editing.models import wrap_model
-from editing.workspace import workspace_for
 from sim.config import RunConfig, split_requests
 from strategies import payload
 from strategies.flower import RoundFailed
-from tests.helpers import tiny_model, tiny_tokenizer
-from tests.sim.fake_grid import InProcessGrid
-
-FACTS = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
-         ("{} plays the", "Toko Yasuda", "guitar", "piano"),
-         ("The capital of {} is", "France", "Berlin", "Paris"),
-         ("What is the twin city of {}? It is", "Lyon", "Beirut", "Paris"),
-         ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
-         ("{} plays", "Michael Jordan", "soccer", "basketball"),
-         ("{} was developed by", "Windows", "Google", "Microsoft"),
-         ("The Louvre is a museum in {}, the capital of", "Paris", "Germany", "France")]
-REQUESTS = [EditRequest(str(i), p, s, new, true, paraphrase_prompts=(f"So, {p}",),
-                        neighborhood_prompts=("The capital of Germany is",), source="counterfact")
-            for i, (p, s, new, true) in enumerate(FACTS)]
-
-
-@pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    lm = wrap_model(tiny_model("llama"), tiny_tokenizer("llama"), "tiny-llama")
-    d_in = lm.model.config.intermediate_size
-    gen = torch.Generator().manual_seed(3)
-    a = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64)
-    moments = {l: a @ a.T / d_in + torch.eye(d_in, dtype=torch.float64) for l in range(4)}
-    ws = workspace_for(lm, layers="1-2", mom2_update_weight=0.5, v_num_grad_steps=5,
-                       moments=moments)
-    ws.hp = ws.hp.with_overrides(context_templates=2, context_template_tokens=4)
-    monkeypatch.setattr(client_app, "workspace", lambda cfg: ws)
-    monkeypatch.setattr(server_app, "server_workspace", lambda cfg: ws)
-    monkeypatch.setattr(config, "load_requests", lambda *a, **k: REQUESTS[: k.get("limit")])
-    monkeypatch.setenv("COLLABEDIT_CACHE", str(tmp_path / "cache"))
-    config._SPLITS.clear()
-    return ws
-
+from tests.sim.conftest import REQUESTS
+from sim.inprocess import InProcessGrid
 
 def run_config(tmp_path, **kw):
     base = {"strategy": "global,collabedit", "edits-per-client": 2, "num-server-rounds": 1,

@@ -1,14 +1,16 @@
-"""An in-process Flower Grid: messages go straight to the ClientApp's handler functions.
+"""In-process simulation: a Flower Grid whose messages go straight to the ClientApp's handlers.
 
-Every message that crosses it is kept (`sent`, `received`) so tests can inspect what the server
-was given. Strategy logic runs in milliseconds this way; the real runtime is tested separately.
+Clients run one after another in this process, sharing the loaded model: no Ray, no SuperLink, no
+start-up cost, which suits sweeps on a small CPU and tests. The same ServerApp code drives it as
+drives the real runtime (`sim.launch`). With `keep=True` every message that crosses is kept
+(`sent`, `received`) so tests can inspect what the server was given.
 """
 
 from __future__ import annotations
 
 import itertools
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -16,7 +18,7 @@ from clients.client_app import evaluate_global, train
 
 
 class InProcessGrid(Grid):
-    def __init__(self, num_nodes: int, run_config: dict):
+    def __init__(self, num_nodes: int, run_config: dict, keep: bool = True):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=run_config,
@@ -24,14 +26,15 @@ class InProcessGrid(Grid):
             for i in range(num_nodes)}
         self._ids = itertools.count()
         self._queue: dict[str, Message] = {}
+        self.keep = keep
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
-    def set_run(self, run_id):  # pragma: no cover - not used in-process
+    def set_run(self, run_id):  # not used in-process
         pass
 
     @property
-    def run(self):  # pragma: no cover
+    def run(self):
         return None
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
@@ -47,7 +50,8 @@ class InProcessGrid(Grid):
             mid = f"m{next(self._ids)}"
             m.metadata.__dict__["_message_id"] = mid
             self._queue[mid] = m
-            self.sent.append(m)
+            if self.keep:
+                self.sent.append(m)
             ids.append(mid)
         return ids
 
@@ -60,9 +64,9 @@ class InProcessGrid(Grid):
             try:
                 reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as err:  # what the Flower runtime does with a raising ClientApp
-                from flwr.app import Error
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self.received.append(reply)
+            if self.keep:
+                self.received.append(reply)
             yield reply
 
     def send_and_receive(self, messages, *, timeout=None):

@@ -1,0 +1,205 @@
+"""Sweeps: a grid of runs, one at a time, resumable, summarised as CSV, Markdown and plots.
+
+    python -m sim.sweep num-edits                 # a named preset
+    python -m sim.sweep my-sweep.toml             # or a file: [base] run config + [grid] lists
+
+Runs go through the in-process simulation by default (clients one after another in this process,
+no Ray start-up: the fastest way on a small CPU); `--backend flower` runs each under the real
+runtime on a private SuperLink. Runs never overlap. A run whose summary.json is finished is not
+redone, so an interrupted sweep resumes where it stopped. Clients' z vectors are cached per
+model state (editing.memit.compute_z), so every strategy of a single-round comparison reuses one
+edit per client: the saving shows in the per-strategy seconds of the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import math
+import tomllib
+from pathlib import Path
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+# Scaled to a 2-core CPU with SmolLM2 (the paper: GPT2-XL / GPT-J, 10 clients x 500 edits).
+PRESETS: dict[str, dict] = {
+    "table1": {
+        "title": "Table 1: every strategy, 10 clients",
+        "scale": "10 clients x 5 edits (paper: 10 x 500 on GPT2-XL / GPT-J)",
+        "base": {"strategy": "all", "edits-per-client": 5, "edit-mode": "parallel"},
+        "grid": {"dataset": ["counterfact", "zsre"]}, "clients": [10], "x": "dataset",
+    },
+    "num-edits": {
+        "title": "Figure 1: score as total edits grow, 4 clients",
+        "scale": "4 clients x 1-16 edits (paper: up to 10 x 500)",
+        "base": {"strategy": "all", "dataset": "counterfact", "edit-mode": "parallel"},
+        "grid": {"edits-per-client": [1, 4, 16]}, "clients": [4], "x": "total-edits",
+    },
+    "num-clients": {
+        "title": "Figure 6: GLOBAL vs CollabEdit and baselines as clients grow, 32 edits in all",
+        "scale": "32 edits over 2-16 clients (paper: 500-5000 edits over up to 50 clients)",
+        "base": {"strategy": "all", "dataset": "counterfact", "edit-mode": "parallel"},
+        "grid": {}, "clients": [2, 4, 8, 16], "total-edits": 32, "x": "clients",
+    },
+}
+
+
+def load_spec(name_or_file: str) -> dict:
+    if name_or_file in PRESETS:
+        return {"name": name_or_file, **PRESETS[name_or_file]}
+    path = Path(name_or_file)
+    if not path.exists():
+        raise SystemExit(f"{name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    spec = tomllib.loads(path.read_text())
+    spec.setdefault("name", path.stem)
+    spec.setdefault("title", spec["name"])
+    spec.setdefault("x", next(iter(spec.get("grid", {})), "clients"))
+    return spec
+
+
+def expand(spec: dict) -> list[tuple[int, dict]]:
+    """(clients, run config) for every grid point."""
+    grid = spec.get("grid", {})
+    keys = list(grid)
+    runs = []
+    for clients in spec.get("clients", [4]):
+        for values in itertools.product(*(grid[k] for k in keys)):
+            rc = {**spec.get("base", {}), **dict(zip(keys, values))}
+            if "total-edits" in spec:
+                if spec["total-edits"] % clients:
+                    raise ValueError(f"{spec['total-edits']} edits do not split over {clients}")
+                rc["edits-per-client"] = spec["total-edits"] // clients
+            runs.append((clients, rc))
+    return runs
+
+
+def run_name(clients: int, rc: dict) -> str:
+    parts = [f"c{clients}"] + [f"{k}={rc[k]}" for k in sorted(rc) if k not in ("strategy",)]
+    return "_".join(p.replace("/", "-").replace(" ", "") for p in parts)
+
+
+def run_one(clients: int, rc: dict, backend: str) -> dict:
+    if backend == "flower":
+        from .launch import flower_run
+
+        return flower_run(rc, clients=clients)
+    from .inprocess import InProcessGrid
+    from .server_app import run
+
+    return run(InProcessGrid(clients, rc, keep=False), RunConfig.from_flower(rc))
+
+
+def sweep(spec: dict, out: Path, backend: str = "inprocess", overrides: dict | None = None
+          ) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(spec, indent=1))
+    summaries = []
+    for clients, rc in expand(spec):
+        rc = {**rc, **(overrides or {})}
+        rc.update({"results-dir": str(out / "runs"), "run-name": run_name(clients, rc)})
+        path = out / "runs" / rc["run-name"] / "summary.json"
+        if path.exists() and "finished" in (done := json.loads(path.read_text())):
+            log.info("already done: %s", rc["run-name"])
+            summaries.append(done)
+            continue
+        log.info("running %s (%d clients)", rc["run-name"], clients)
+        summaries.append(run_one(clients, rc, backend))
+    rows = table_rows(summaries)
+    write_csv(rows, out / "summary.csv")
+    (out / "summary.md").write_text(markdown(spec, rows))
+    plot(spec, rows, out / "score.png")
+    return out / "summary.csv"
+
+
+METRICS = ("es", "ps", "ns", "ea", "pa", "na", "score")
+
+
+def table_rows(summaries: list[dict]) -> list[dict]:
+    rows = []
+    for s in summaries:
+        cfg = s["config"]
+        for strategy, res in s["strategies"].items():
+            last = res["rounds"][-1]
+            up = last["bytes_up"]
+            rows.append({
+                "dataset": cfg["dataset"], "model": s["model"]["name"], "clients": s["num_clients"],
+                "edits-per-client": cfg["edits-per-client"],
+                "total-edits": s["num_clients"] * cfg["edits-per-client"] * cfg["num-server-rounds"],
+                "rounds": cfg["num-server-rounds"], "edit-mode": cfg["edit-mode"],
+                "protocol": cfg["protocol"], "seed": cfg["seed"], "strategy": strategy,
+                **{m: last["metrics"].get(m, math.nan) for m in METRICS},
+                "bytes-up-per-client": (sum(up.values()) / len(up)) if up else 0,
+                "failed": len(last["failed"]), "seconds": res["seconds"],
+            })
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(spec: dict, rows: list[dict]) -> str:
+    cols = ["dataset", "clients", "total-edits", "strategy"] + [
+        m for m in METRICS if any(not math.isnan(r[m]) for r in rows)] + ["seconds"]
+    lines = [f"# {spec['title']}", "", f"Scale: {spec.get('scale', 'as configured')}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
+                                       for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(spec: dict, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = spec.get("x", "clients")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    datasets = sorted({r["dataset"] for r in rows})
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        for ds in datasets:
+            pts = [(r[x], r["score"]) for r in rows if r["strategy"] == strategy and r["dataset"] == ds]
+            if not pts:
+                continue
+            label = strategy if len(datasets) == 1 else f"{strategy} ({ds})"
+            if all(isinstance(p[0], (int, float)) for p in pts):
+                pts.sort()
+            xs, ys = zip(*pts)
+            ax.plot(list(map(str, xs)) if x == "dataset" else xs, ys, marker="o", label=label)
+    model = rows[0]["model"] if rows else ""
+    ax.set_xlabel({"total-edits": "total edits (requests)", "clients": "number of clients",
+                   "dataset": "dataset"}.get(x, x))
+    ax.set_ylabel("Score (harmonic mean of efficacy, generalisation, locality; 0-100)")
+    ax.set_title(f"{spec['title']}\n{model}, {', '.join(datasets)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("sweep", help=f"a preset ({', '.join(PRESETS)}) or a TOML file")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/<sweep>")
+    ap.add_argument("--backend", choices=["inprocess", "flower"], default="inprocess")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    spec = load_spec(args.sweep)
+    path = sweep(spec, args.out or REPO / "results" / spec["name"], args.backend)
+    print(path.with_name("summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
