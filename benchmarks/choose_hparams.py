@@ -19,7 +19,7 @@ import torch
 from editing.data import load_requests
 from editing.evaluate import evaluate
 from editing.memit import applied, compute_z, layer_edit, read_keys, _layer_from
-from editing.models import parse_layers
+from editing.models import cache_dir, parse_layers
 from editing.workspace import open_workspace
 
 
@@ -42,7 +42,8 @@ def main(argv=None):
         union = sorted({l for layers in layer_sets for l in layers})
         ws = open_workspace("smollm2", layers=union)
         t0 = time.perf_counter()
-        z = compute_z(ws.lm, requests, ws.hp, ws.templates, progress=True)
+        z = compute_z(ws.lm, requests, ws.hp, ws.templates, progress=True,
+                      cache=cache_dir() / "z")
         tz = time.perf_counter() - t0
         for layers in layer_sets:
             for lam in [float(x) for x in args.lams.split(",")]:

@@ -180,7 +180,10 @@ def plot(spec: dict, rows: list[dict], path: Path) -> None:
     model = rows[0]["model"] if rows else ""
     ax.set_xlabel({"total-edits": "total edits (requests)", "clients": "number of clients",
                    "dataset": "dataset"}.get(x, x))
-    ax.set_ylabel("Score (harmonic mean of efficacy, generalisation, locality; 0-100)")
+    ax.set_ylabel("Score, 0-100 (harmonic mean of ES, PS, NS)")
+    ax.set_ylim(0, 100)
+    if x != "dataset":
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{spec['title']}\n{model}, {', '.join(datasets)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
