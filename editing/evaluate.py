@@ -83,7 +83,7 @@ def summarize(sums: dict[str, float], counts: dict[str, int], kind: str) -> dict
     and "n" (records)."""
     out = {k: 100.0 * sums[k] / counts[k] for k in METRIC_KEYS[kind] if counts.get(k)}
     rates = [out.get(k) for k in SCORE_KEYS[kind]]
-    out["score"] = math.nan if None in rates else statistics.harmonic_mean(rates)
+    out["score"] = math.nan if None in rates else float(statistics.harmonic_mean(rates))
     out["n"] = max(counts.values(), default=0)
     return out
 

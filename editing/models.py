@@ -108,7 +108,7 @@ PRESETS: dict[str, MemitHparams] = {
     "meta-llama-3-8b": MemitHparams(layers=(4, 5, 6, 7, 8), v_lr=0.1, v_num_grad_steps=25,
                                     mom2_update_weight=15000.0),
     "smollm2": MemitHparams(layers=(4, 5, 6, 7, 8), v_lr=0.5, v_num_grad_steps=25,
-                            mom2_update_weight=15000.0),
+                            mom2_update_weight=3000.0),
 }
 
 

@@ -100,6 +100,8 @@ def flower_run(run_config: dict, *, clients: int, cpus_per_client: float = 1.0,
     summary_path.unlink(missing_ok=True)
     log_path = log_path or summary_path.with_name("flower.log")
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    if float(cpus_per_client).is_integer():  # Flower wants an integer here when it is one
+        cpus_per_client = int(cpus_per_client)
     with superlink(log_path) as (env, connection):
         cmd = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(app_dir), connection,
                "--stream", "--run-config", overrides, "--federation-config",
