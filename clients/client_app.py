@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
             with applied(ws.lm, result.deltas):
                 metrics["local-es"] = _rewrite_success(ws, requests)
         else:  # layerwise: this layer only, on the model with the layers merged so far
-            z = _round_z(context, ws, requests, rnd)
+            z = _round_z(context, ws, requests, str(config["round-key"]))
             layer = stage[0]
             edits = {layer: layer_edit(ws.lm, requests, z, layer, ws.hp, cov[layer], ws.templates)}
     fields = {l: {f: getattr(e, f).numpy() for f in wanted} for l, e in edits.items()}
@@ -84,10 +84,10 @@ def train(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def _round_z(context: Context, ws: Workspace, requests, rnd: int) -> torch.Tensor:
+def _round_z(context: Context, ws: Workspace, requests, round_key: str) -> torch.Tensor:
     """z is optimised once per round, on the global model as the round began (the first layer's
     exchange), and kept in the client's state for the later layers."""
-    key = f"z-round-{rnd}"
+    key = f"z-{round_key}"
     if key not in context.state.array_records:
         z = compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z").z
         context.state[key] = ArrayRecord({"z": Array(z.numpy())})

@@ -95,7 +95,10 @@ class EditStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**config, "server-round": server_round, "wanted": ",".join(self.wanted),
-                               "layers": ",".join(map(str, self._stage))})
+                               "layers": ",".join(map(str, self._stage)),
+                               # names this round's starting model: layerwise clients keep their z
+                               # under it across the round's exchanges
+                               "round-key": f"{self.name}-{server_round}"})
         content = {"global": arrays, "config": config}
         if self.beta1 and self.past_kkt:
             content["past-kkt"] = payload.encode({l: {"kkt": k} for l, k in self.past_kkt.items()})

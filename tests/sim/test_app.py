@@ -167,3 +167,15 @@ def test_summary_json_records_config_metrics_bytes(tiny, tmp_path):
     assert data["strategies"]["unedited"]["rounds"][0]["bytes_up"] == {}
     table = server_app.format_table(summary)
     assert "collabedit" in table and "unedited" in table and "Score" in table
+
+
+def test_multi_round_dynamic_covariance_collabedit_equals_global(tiny, tmp_path):
+    """Round 2 edits the merged model of round 1 with C_2 = beta0*lam*C0 + beta1*(round 1's K K^T):
+    the same C for every party and the server, so the merge stays exact over rounds."""
+    summary, grid = run(tmp_path, clients=2, **{"num-server-rounds": 2, "beta1": 0.5})
+    assert max(summary["collabedit_vs_global_rel_diff"].values()) <= 1e-8
+    rounds = summary["strategies"]["collabedit"]["rounds"]
+    assert [r["metrics"]["n"] for r in rounds] == [4, 8]  # evaluated on everything edited so far
+    # round 2's messages carry the dynamic part of C; round 1's do not
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert ["past-kkt" in m.content.array_records for m in trains[-4:]] == [False] * 2 + [True] * 2
