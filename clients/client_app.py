@@ -18,23 +18,18 @@ from flwr.clientapp import ClientApp
 from editing.evaluate import EvalResult, evaluate, evaluate_cached
 from editing.memit import applied, compute_z, edit, layer_edit
 from editing.models import cache_dir
-from editing.workspace import Workspace, open_workspace
-from sim.config import RunConfig, split_requests
+from editing.workspace import Workspace
+from sim.config import RunConfig, run_workspace, split_requests
 from strategies import payload
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 
-# Loaded once per worker process: virtual clients hop between Ray actors, so nothing here may be
-# specific to one client (per-client state lives in context.state).
-
-
 def workspace(cfg: RunConfig) -> Workspace:
-    return open_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers,
-                          mom2_update_weight=cfg.mom2_update_weight,
-                          v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,
-                          cov_max_length=cfg.cov_max_length, data_dir=cfg.data_dir or None,
-                          progress=False)
+    """Model, MEMIT settings and second moments, loaded once per worker process: virtual clients
+    hop between Ray actors, so nothing kept here may belong to one client (that goes in
+    context.state)."""
+    return run_workspace(cfg, progress=False)
 
 
 def _identity(context: Context) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from editing.data import EditRequest, chunks, dataset_options, load_requests, partition
+from editing.workspace import Workspace, open_workspace
 
 STRATEGIES = ("unedited", "global", "collabedit", "simple-average", "task-arithmetic", "ties")
 ALL = "all"
@@ -109,3 +110,12 @@ def split_requests(cfg: RunConfig, num_clients: int) -> list[list[list[EditReque
         _SPLITS[key] = [chunks(part, cfg.edits_per_client) for part in
                         partition(requests, num_clients, mode=cfg.partition, seed=cfg.seed)]
     return _SPLITS[key]
+
+
+def run_workspace(cfg: RunConfig, progress: bool = True) -> Workspace:
+    """The model and MEMIT state a run config names (opened once per process)."""
+    return open_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers,
+                          mom2_update_weight=cfg.mom2_update_weight,
+                          v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,
+                          cov_max_length=cfg.cov_max_length, data_dir=cfg.data_dir or None,
+                          progress=progress)

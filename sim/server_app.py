@@ -17,11 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from editing.evaluate import summarize
 from editing.memit import applied, edit
 from editing.models import cache_dir, describe, weight
-from editing.workspace import Workspace, open_workspace
+from editing.workspace import Workspace
 from strategies import payload
 from strategies.flower import STRATEGIES, EditStrategy
 
-from .config import RunConfig, split_requests
+from .config import RunConfig, run_workspace, split_requests
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -35,10 +35,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def server_workspace(cfg: RunConfig) -> Workspace:
-    return open_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers,
-                          mom2_update_weight=cfg.mom2_update_weight,
-                          v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,
-                          cov_max_length=cfg.cov_max_length, data_dir=cfg.data_dir or None)
+    return run_workspace(cfg, progress=True)
 
 
 def summarize_sums(sums: dict[str, float]) -> dict[str, float]:
