@@ -49,6 +49,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     rnd = int(config["server-round"])
     wanted = [f for f in str(config["wanted"]).split(",") if f]
+    if set(wanted) - set(payload.FIELDS):  # never anything else: no keys, residuals or z
+        raise ValueError(f"client {pid}: server asked for {wanted}; only {payload.FIELDS} are sent")
     stage = [int(x) for x in str(config["layers"]).split(",")]
     ws = workspace(cfg)
     requests = split_requests(cfg, n)[pid][rnd - 1]
@@ -85,7 +87,7 @@ def _round_z(context: Context, ws: Workspace, requests, round_key: str) -> torch
     key = f"z-{round_key}"
     if key not in context.state.array_records:
         z = compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z").z
-        context.state[key] = ArrayRecord({"z": Array(z.numpy())})
+        context.state[key] = ArrayRecord({"z": Array(z.detach().to("cpu", torch.float64).numpy())})
     return torch.from_numpy(context.state[key]["z"].numpy())
 
 

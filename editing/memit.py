@@ -423,7 +423,7 @@ def layer_edit(lm: LoadedModel, requests, z: torch.Tensor, layer: int, hp: Memit
     """One layer of MEMIT on the model as it is now: keys, residual share, solve."""
     keys, cur_z = read_keys(lm, requests, [layer], hp.layers[-1], templates)
     remaining = len(hp.layers) - hp.layers.index(layer)
-    return _layer_from(lm, layer, keys[layer], (z.double() - cur_z) / remaining, cov)
+    return _layer_from(lm, layer, keys[layer], (z.to(cur_z.device).double() - cur_z) / remaining, cov)
 
 
 def _layer_from(lm, layer, keys, residual, cov) -> LayerEdit:
@@ -512,7 +512,7 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
     if mode == "parallel":
         keys, cur_z = read_keys(lm, requests, hp.layers, hp.layers[-1], templates)
         for i, layer in enumerate(hp.layers):
-            residual = (z.z.double() - cur_z) / (len(hp.layers) - i)
+            residual = (z.z.to(cur_z.device).double() - cur_z) / (len(hp.layers) - i)
             layers[layer] = _layer_from(lm, layer, keys[layer], residual, cov[layer])
     else:
         with contextlib.ExitStack() as stack:

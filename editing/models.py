@@ -45,6 +45,11 @@ class MemitHparams:
     context_template_tokens: int = 10
     z_batch_size: int = 16  # requests optimised together; bounds activation memory only
 
+    def __post_init__(self):
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.mom2_update_weight <= 0:
+            raise ValueError(f"v_num_grad_steps >= 1, v_lr > 0 and mom2_update_weight > 0 are "
+                             f"required, got {self}")
+
     def with_overrides(self, **kw) -> "MemitHparams":
         kw = {k: v for k, v in kw.items() if v is not None}
         if "layers" in kw:
@@ -129,6 +134,9 @@ def spec_for(model, name: str = "") -> ModelSpec:
     model_type = model.config.model_type
     if model_type not in FAMILIES:
         raise ValueError(f"model type {model_type!r} has no MEMIT layout; known: {sorted(FAMILIES)}")
+    if getattr(model.config, "final_logit_softcapping", None):
+        # z and the metrics read logits as lm_head(norm(h)); a soft-capped head would differ
+        raise ValueError(f"{model_type}: final logit soft-capping is not supported")
     return ModelSpec(**FAMILIES[model_type],
                      hparams=preset_for(name or model.config.name_or_path, model_type,
                                         model.config.num_hidden_layers))

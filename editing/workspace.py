@@ -6,7 +6,7 @@ its statistics is the expensive part, the edits themselves are cheap by comparis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,14 @@ class Workspace:
     lm: LoadedModel
     hp: MemitHparams
     second_moments: dict[int, torch.Tensor]  # E[k k^T] per edited layer, float64
+    # sampled once from the BASE weights when the workspace opens: a process that first edits in
+    # a later round must not sample them from an edited model (parties would then disagree)
+    templates: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.templates:
+            self.templates = context_templates(self.lm, self.hp.context_templates,
+                                               self.hp.context_template_tokens)
 
     def covariance(self, beta0: float = 1.0, beta1: float = 0.0, past_kkt=None
                    ) -> dict[int, torch.Tensor]:
@@ -31,10 +39,6 @@ class Workspace:
         if past_kkt and beta1:
             cov = {layer: c + beta1 * past_kkt[layer] for layer, c in cov.items()}
         return cov
-
-    @property
-    def templates(self):
-        return context_templates(self.lm, self.hp.context_templates, self.hp.context_template_tokens)
 
 
 def open_workspace(model: str = "smollm2", *, dtype: str = "float32", device: str = "",

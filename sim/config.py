@@ -57,12 +57,14 @@ class RunConfig:
             if name not in known:
                 raise ValueError(f"unknown run-config key {key!r}; known: "
                                  f"{sorted(k.replace('_', '-') for k in known)}")
-            values[name] = {"int": int, "float": float, "str": str}[known[name].type](value)
+            values[name] = _cast(key, value, known[name].type)
         cfg = cls(**values)
         cfg.check()
         return cfg
 
     def check(self) -> None:
+        if not self.strategies:
+            raise ValueError("strategy is empty: name one or more of " + ", ".join(STRATEGIES))
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"unknown strategy {bad}; choose from {STRATEGIES} or 'all'")
@@ -72,8 +74,18 @@ class RunConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')} must be one of {allowed}, "
                                  f"got {getattr(self, key)!r}")
-        if self.edits_per_client < 1 or self.num_server_rounds < 1:
-            raise ValueError("edits-per-client and num-server-rounds must be >= 1")
+        if self.edits_per_client < 1 or self.num_server_rounds < 1 or self.min_clients < 1:
+            raise ValueError("edits-per-client, num-server-rounds and min-clients must be >= 1")
+        if self.protocol == "layerwise" and self.edit_mode != "sequential":
+            raise ValueError('protocol="layerwise" exists to make sequential MEMIT exact; with '
+                             'edit-mode="parallel" one-shot is already exact: use protocol="one-shot"')
+        if not 0 < self.ties_density <= 1:
+            raise ValueError(f"ties-density must be in (0, 1], got {self.ties_density}")
+        try:
+            self.failing_partitions
+        except ValueError:
+            raise ValueError(f"fail-clients must be comma-separated partition ids, got "
+                             f"{self.fail_clients!r}") from None
 
     @property
     def strategies(self) -> list[str]:
@@ -87,6 +99,15 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def _cast(key: str, value, kind: str):
+    """Flower run config is TOML: refuse lossy conversions (2.5 edits) instead of truncating."""
+    if kind == "int":
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError(f"run-config {key} must be an integer, got {value!r}")
+        return int(float(value))
+    return float(value) if kind == "float" else str(value)
 
 
 _SPLITS: dict[tuple, list] = {}

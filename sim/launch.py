@@ -113,6 +113,8 @@ def flower_run(run_config: dict, *, clients: int, cpus_per_client: float = 1.0,
         tail = log_path.read_text(errors="replace")[-4000:]
         raise FlowerRunFailed(f"the Flower run wrote no {summary_path}; log {log_path}:\n{tail}")
     summary = json.loads(summary_path.read_text())
+    if "error" in summary:
+        raise FlowerRunFailed(f"the run failed: {summary['error']} (log {log_path})")
     if "finished" not in summary:
         raise FlowerRunFailed(f"the run stopped before the end; see {log_path}")
     return summary

@@ -19,7 +19,7 @@ from editing.memit import applied, edit
 from editing.models import cache_dir, describe, weight
 from editing.workspace import Workspace
 from strategies import payload
-from strategies.flower import STRATEGIES, EditStrategy
+from strategies.flower import STRATEGIES, EditStrategy, RoundFailed
 
 from .config import RunConfig, run_workspace, split_requests
 
@@ -90,8 +90,14 @@ def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
     for name in cfg.strategies:
         strategy = build_strategy(name, cfg, ws, num_clients)
         t0 = time.perf_counter()
-        result = strategy.start(grid, zeros, num_rounds=cfg.num_server_rounds,
-                                timeout=cfg.round_timeout)
+        try:
+            result = strategy.start(grid, zeros, num_rounds=cfg.num_server_rounds,
+                                    timeout=cfg.round_timeout)
+        except RoundFailed as err:  # the reason goes on record before the run stops
+            summary["strategies"][name] = {"error": str(err), "rounds": strategy.history}
+            summary["error"] = f"{name}: {err}"
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            raise
         finals[name] = payload.decode_deltas(result.arrays)
         summary["strategies"][name] = {"private": strategy.private, "seconds": time.perf_counter() - t0,
                                        "rounds": strategy.history}

@@ -34,8 +34,12 @@ class RoundFailed(RuntimeError):
 def stream_replies(grid: Grid, messages: list[Message], timeout: float,
                    missing: Callable[[int], None]) -> Iterator[Message]:
     """Push all messages, then yield replies as they arrive; report nodes that never answered."""
-    pending = {mid: m.metadata.dst_node_id for mid, m in
-               zip(grid.push_messages(messages), messages) if mid}
+    pending = {}
+    for mid, m in zip(grid.push_messages(messages), messages):
+        if mid:
+            pending[mid] = m.metadata.dst_node_id
+        else:  # the SuperLink refused it: the node is as absent as one that never answers
+            missing(m.metadata.dst_node_id)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         got = False
@@ -73,6 +77,7 @@ class EditStrategy(Strategy):
         self.history: list[dict] = []
         self._record: dict = {}
         self._stage: list[int] = self.layers
+        self.timeout = 86400.0
 
     # -- what clients are asked for and how one layer is merged -------------------------------
     @property
@@ -156,6 +161,7 @@ class EditStrategy(Strategy):
               timeout: float = 86400.0, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
         result, arrays = Result(), initial_arrays
+        self.timeout = timeout
         train_config = train_config or ConfigRecord()
         for rnd in range(1, num_rounds + 1):
             t0 = time.perf_counter()
@@ -192,7 +198,9 @@ class EditStrategy(Strategy):
 
     # -- helpers ------------------------------------------------------------------------------
     def _to_all(self, grid, content: RecordDict, kind: str) -> list[Message]:
-        return [Message(content=content, dst_node_id=node, message_type=kind)
+        # a message outliving Flower's default 12 h lifetime would expire before a slow CPU
+        # round ends: it lives as long as the round may take
+        return [Message(content=content, dst_node_id=node, message_type=kind, ttl=self.timeout)
                 for node in grid.get_node_ids()]
 
     def _shape(self, field: str, layer: int) -> tuple:
@@ -211,6 +219,9 @@ class EditStrategy(Strategy):
         """Everything about a reply is checked before any of it touches a sum."""
         if reply.has_error():
             raise ValueError(f"client {client} failed: {reply.error.reason}")
+        for part in ("payload", "metrics"):
+            if part not in reply.content:
+                raise ValueError(f"client {client}: reply has no {part!r} record")
         packed = payload.decode(reply.content["payload"], unpack=False)
         validate_layers([str(l) for l in packed], [str(l) for l in self._stage], client)
         for layer, fields in packed.items():

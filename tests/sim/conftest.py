@@ -8,6 +8,7 @@ import clients.client_app as client_app
 import sim.config as config
 import sim.server_app as server_app
 from editing.data import EditRequest
+from editing.memit import context_templates
 from editing.models import wrap_model
 from editing.workspace import workspace_for
 from tests.helpers import tiny_model, tiny_tokenizer
@@ -34,7 +35,7 @@ def tiny(monkeypatch, tmp_path):
     moments = {l: a @ a.T / d_in + torch.eye(d_in, dtype=torch.float64) for l in range(4)}
     ws = workspace_for(lm, layers="1-2", mom2_update_weight=0.5, v_num_grad_steps=5,
                        moments=moments)
-    ws.hp = ws.hp.with_overrides(context_templates=2, context_template_tokens=4)
+    ws.templates = context_templates(lm, 2, 4)  # short prefixes keep the tiny runs fast
     monkeypatch.setattr(client_app, "workspace", lambda cfg: ws)
     monkeypatch.setattr(server_app, "server_workspace", lambda cfg: ws)
     monkeypatch.setattr(config, "load_requests", lambda *a, **k: REQUESTS[: k.get("limit")])

@@ -128,6 +128,8 @@ def test_bad_clients_are_left_out_and_reported(tiny, tmp_path):
 def test_round_fails_clearly_below_min_clients(tiny, tmp_path):
     with pytest.raises(RoundFailed, match="min-clients=3"):
         run(tmp_path, clients=2, strategy="collabedit", **{"min-clients": 3})
+    on_disk = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert "min-clients=3" in on_disk["error"] and "finished" not in on_disk
 
 
 def test_server_never_sees_keys_or_request_text(tiny, tmp_path):
@@ -179,3 +181,15 @@ def test_multi_round_dynamic_covariance_collabedit_equals_global(tiny, tmp_path)
     # round 2's messages carry the dynamic part of C; round 1's do not
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert ["past-kkt" in m.content.array_records for m in trains[-4:]] == [False] * 2 + [True] * 2
+
+
+@pytest.mark.parametrize("bad,match", [({"edits-per-client": 2.5}, "integer"),
+                                       ({"strategy": ""}, "empty"),
+                                       ({"strategy": "fedavg"}, "unknown strategy"),
+                                       ({"protocol": "layerwise"}, "layerwise"),
+                                       ({"ties-density": 0}, "ties-density"),
+                                       ({"fail-clients": "x"}, "fail-clients"),
+                                       ({"unknown-key": 1}, "unknown run-config key")])
+def test_bad_run_config_is_refused_up_front(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_flower(run_config(tmp_path, **bad))
