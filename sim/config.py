@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from editing.data import EditRequest, chunks, dataset_options, load_requests, partition
 from editing.workspace import Workspace, open_workspace
@@ -44,7 +45,7 @@ class RunConfig:
     round_timeout: float = 86400.0  # seconds; Flower's default 3600 drops slow CPU replies
     eval_batch_size: int = 32
     seed: int = 0
-    results_dir: str = "results/runs"
+    results_dir: str = ""  # "" = $COLLABEDIT_RESULTS, else ./results/runs (of the ServerApp process)
     run_name: str = ""  # "" = <strategy>-<dataset>-<timestamp>
     fail_clients: str = ""  # testing aid: partition ids whose train raises (robustness drills)
 
@@ -92,6 +93,12 @@ class RunConfig:
         if self.strategy == ALL:
             return list(STRATEGIES)
         return [s.strip() for s in self.strategy.split(",") if s.strip()]
+
+    @property
+    def results_path(self) -> Path:
+        # `flwr run` starts the ServerApp from Flower's own app folder, not from where the user
+        # typed the command: scripts/env.sh exports COLLABEDIT_RESULTS as an absolute path
+        return Path(self.results_dir or os.environ.get("COLLABEDIT_RESULTS", "results/runs"))
 
     @property
     def failing_partitions(self) -> set[int]:

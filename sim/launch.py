@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     import tomllib
 
     rc = tomllib.loads("\n".join(shlex.split(args.run_config, posix=False)))
-    rc.setdefault("results-dir", str(REPO / "results" / "runs"))
+    rc.setdefault("results-dir", os.environ.get("COLLABEDIT_RESULTS", str(REPO / "results" / "runs")))
     rc.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
     summary = flower_run(rc, clients=args.clients, cpus_per_client=args.cpus_per_client)
     from .server_app import format_table

@@ -80,7 +80,7 @@ def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
     ws = ws or server_workspace(cfg)
     num_clients = len(list(grid.get_node_ids()))
     run_name = cfg.run_name or f"{cfg.strategy.replace(',', '+')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.results_dir) / run_name
+    run_dir = cfg.results_path.resolve() / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     zeros = payload.encode_deltas({l: np.zeros(tuple(weight(ws.lm.model, ws.lm.spec, l).shape))
                                    for l in ws.hp.layers})
