@@ -27,7 +27,7 @@ class RunConfig:
     dataset_path: str = ""
     data_dir: str = ""  # a directory laid out like ../shared/data (also COLLABEDIT_DATA)
     partition: str = "contiguous"  # or "random" (seeded)
-    edits_per_client: int = 8  # per client and round
+    edits_per_client: int = 4  # per client and round
     num_server_rounds: int = 1
     edit_mode: str = "parallel"  # "sequential" (reference MEMIT) | "parallel" (official CollabEdit)
     protocol: str = "one-shot"  # or "layerwise": one exchange per edited layer
