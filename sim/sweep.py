@@ -148,7 +148,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(spec: dict, rows: list[dict]) -> str:
-    cols = ["dataset", "clients", "total-edits", "strategy"] + [
+    cols = ["dataset", "clients", "total-edits", "edit-mode", "protocol", "strategy"] + [
         m for m in METRICS if any(not math.isnan(r[m]) for r in rows)] + ["seconds"]
     lines = [f"# {spec['title']}", "", f"Scale: {spec.get('scale', 'as configured')}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -176,13 +176,14 @@ def plot(spec: dict, rows: list[dict], path: Path) -> None:
             if all(isinstance(p[0], (int, float)) for p in pts):
                 pts.sort()
             xs, ys = zip(*pts)
-            ax.plot(list(map(str, xs)) if x == "dataset" else xs, ys, marker="o", label=label)
+            numeric = all(isinstance(v, (int, float)) for v in xs)
+            ax.plot(xs if numeric else list(map(str, xs)), ys, marker="o", label=label)
     model = rows[0]["model"] if rows else ""
     ax.set_xlabel({"total-edits": "total edits (requests)", "clients": "number of clients",
                    "dataset": "dataset"}.get(x, x))
     ax.set_ylabel("Score, 0-100 (harmonic mean of ES, PS, NS)")
     ax.set_ylim(0, 100)
-    if x != "dataset":
+    if all(isinstance(r[x], (int, float)) for r in rows):
         ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{spec['title']}\n{model}, {', '.join(datasets)}", fontsize=10)
     ax.grid(alpha=0.3)
