@@ -18,7 +18,7 @@ import torch
 
 from editing.data import load_requests
 from editing.evaluate import evaluate
-from editing.memit import applied, compute_z, layer_edit, read_keys, _layer_from
+from editing.memit import applied, compute_z, edit
 from editing.models import cache_dir, parse_layers
 from editing.workspace import open_workspace
 
@@ -48,18 +48,10 @@ def main(argv=None):
         for layers in layer_sets:
             for lam in [float(x) for x in args.lams.split(",")]:
                 hp = ws.hp.with_overrides(layers=layers, mom2_update_weight=lam)
-                cov = {l: lam * ws.second_moments[l] for l in layers}
-                deltas = {}
-                if args.mode == "parallel":
-                    keys, cur = read_keys(ws.lm, requests, layers, layers[-1], ws.templates)
-                    for i, l in enumerate(layers):
-                        residual = (z.z.double() - cur) / (len(layers) - i)
-                        deltas[l] = _layer_from(ws.lm, l, keys[l], residual, cov[l]).delta
-                else:
-                    for l in layers:
-                        with applied(ws.lm, deltas):
-                            deltas[l] = layer_edit(ws.lm, requests, z.z, l, hp, cov[l],
-                                                   ws.templates).delta
+                # z comes back from the cache: only the layer solves differ between settings
+                deltas = edit(ws.lm, requests, hp, {l: lam * ws.second_moments[l] for l in layers},
+                              mode=args.mode, templates=ws.templates,
+                              z_cache=cache_dir() / "z").deltas
                 with applied(ws.lm, deltas):
                     post = evaluate(ws.lm.model, ws.lm.tok, requests).summary()
                 print(json.dumps({"layers": f"{layers[0]}-{layers[-1]}", "lam": lam,

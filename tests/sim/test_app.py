@@ -30,10 +30,6 @@ def run(tmp_path, clients=4, grid_cls=InProcessGrid, **kw):
     return server_app.run(grid, RunConfig.from_flower(rc)), grid
 
 
-def final_deltas(summary_path, ws, tmp_path):
-    return json.loads(open(summary_path).read())
-
-
 def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
