@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +291,10 @@ def compute_z(lm: LoadedModel, requests, hp: MemitHparams, templates, *, progres
             found[i] = {f: getattr(part, f)[j].detach().cpu().contiguous() for f in _Z_FIELDS}
             if cache:
                 cache.mkdir(parents=True, exist_ok=True)
-                save_file(found[i], str(cache / f"{keys[i]}.safetensors"))
+                # write aside, then rename: parallel workers must never read a half-written file
+                tmp = cache / f".{keys[i]}.{os.getpid()}.tmp"
+                save_file(found[i], str(tmp))
+                os.replace(tmp, cache / f"{keys[i]}.safetensors")
     device = lm.device
     return ZResult(*(torch.stack([found[i][f] for i in range(len(requests))]).to(
         device if f in ("z", "z_init") else "cpu") for f in _Z_FIELDS))
