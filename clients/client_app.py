@@ -19,7 +19,7 @@ from editing.evaluate import EvalResult, evaluate, evaluate_cached
 from editing.memit import applied, compute_z, edit, layer_edit
 from editing.models import cache_dir
 from editing.workspace import Workspace
-from sim.config import RunConfig, run_workspace, split_requests
+from sim.config import RunConfig, edited_so_far, run_workspace, split_requests
 from strategies import payload
 
 log = logging.getLogger(__name__)
@@ -58,23 +58,28 @@ def train(msg: Message, context: Context) -> Message:
             if "past-kkt" in msg.content.array_records else None)
     cov = ws.covariance(cfg.beta0, cfg.beta1, past)
     metrics = {"partition-id": pid, "num-edits": len(requests)}
+    # z-model="base": targets optimised on the unedited model, before the global edits go on
+    z_base = (compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z")
+              if cfg.z_model == "base" else None)
     with applied(ws.lm, _global_deltas(msg)):
         if tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
             result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates,
-                          z_cache=cache_dir() / "z")
+                          z_cache=cache_dir() / "z", z=z_base)
             edits = result.layers
             metrics["p-target"] = float(result.z.p_target.mean())
+            # per request, in the client's own order: lets a party spot requests the model
+            # already carries (overlap) before they are merged, without revealing which they are
+            metrics["relative-residuals"] = [float(x) for x in result.relative_residuals]
             with applied(ws.lm, result.deltas):
                 metrics["local-es"] = _rewrite_success(ws, requests)
         else:  # layerwise: this layer only, on the model with the layers merged so far
-            z = _round_z(context, ws, requests, str(config["round-key"]))
+            z = z_base.z if z_base is not None else _round_z(
+                context, ws, requests, str(config["round-key"]))
             layer = stage[0]
             edits = {layer: layer_edit(ws.lm, requests, z, layer, ws.hp, cov[layer], ws.templates)}
     fields = {l: {f: getattr(e, f).numpy() for f in wanted} for l, e in edits.items()}
     for l, e in edits.items():
         metrics[f"residual-norm.{l}"] = float(e.residual_norms.mean())
-    # per-request residual norms of the first layer: lets a party spot requests the model
-    # already knows (overlap) without revealing which requests they are
     first = edits[min(edits)]
     metrics["residual-norms"] = [float(x) for x in first.residual_norms]
     return Message(RecordDict({"payload": payload.encode(fields), "metrics": MetricRecord(metrics)}),
@@ -106,23 +111,33 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     pid, n = _identity(context)
     rnd = int(msg.content["config"]["server-round"])
     ws = workspace(cfg)
-    requests = [r for chunk in split_requests(cfg, n)[pid][:rnd] for r in chunk]
+    first = edited_so_far(cfg, n, pid, 1)
+    later = ([] if cfg.eval_scope == "first" else
+             [r for r in edited_so_far(cfg, n, pid, rnd) if r not in first])
     deltas = _global_deltas(msg)
     if all(not d.any() for d in deltas.values()):
         # the unedited model: its scores are cached per model and request set
-        result = evaluate_cached(ws.lm.model, ws.lm.tok, requests, cache_dir() / "pre_edit",
-                                 ws.lm.fingerprint, batch_size=cfg.eval_batch_size)
+        def score(requests):
+            return evaluate_cached(ws.lm.model, ws.lm.tok, requests, cache_dir() / "pre_edit",
+                                   ws.lm.fingerprint, batch_size=cfg.eval_batch_size)
     else:
-        with applied(ws.lm, deltas):
-            result = evaluate(ws.lm.model, ws.lm.tok, requests, batch_size=cfg.eval_batch_size)
-    return Message(RecordDict({"metrics": MetricRecord(metric_sums(result, pid))}), reply_to=msg)
+        def score(requests):
+            with applied(ws.lm, deltas):
+                return evaluate(ws.lm.model, ws.lm.tok, requests, batch_size=cfg.eval_batch_size)
+    # round 1's requests are scored apart as well: how well old edits survive later rounds
+    on_first = score(first)
+    result = on_first.merge(score(later)) if later else on_first
+    metrics = {"partition-id": pid, **metric_sums(result)}
+    if rnd > 1:
+        metrics.update(metric_sums(on_first, prefix="first."))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def metric_sums(result: EvalResult, pid: int) -> dict:
-    out = {"partition-id": pid}
+def metric_sums(result: EvalResult, prefix: str = "") -> dict:
+    out = {}
     for kind, m in result.metrics.items():
         for k, v in m.sums.items():
-            out[f"sum.{kind}.{k}"] = float(v)
-            out[f"count.{kind}.{k}"] = int(m.counts[k])
+            out[f"{prefix}sum.{kind}.{k}"] = float(v)
+            out[f"{prefix}count.{kind}.{k}"] = int(m.counts[k])
     return out
 

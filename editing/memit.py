@@ -490,6 +490,22 @@ class EditResult:
     def deltas(self) -> dict[int, torch.Tensor]:
         return {layer: e.delta for layer, e in self.layers.items()}
 
+    @property
+    def residual_norms(self) -> torch.Tensor:
+        """Per request ||z - h||: what is still to be written at the z layer. The first edited
+        layer is solved on the model as it was (both modes), with a 1/L share of it."""
+        first = self.layers[min(self.layers)]
+        return first.residual_norms * len(self.layers)
+
+    @property
+    def relative_residuals(self) -> torch.Tensor:
+        """||z - h_now|| / ||z - z_init||: 1 for a request new to the model, near 0 for one it
+        already carries (the overlap signal of the paper's section 4.2.1). A z that needed no
+        optimisation (already known) counts as 0."""
+        moved = (self.z.z - self.z.z_init).double().norm(dim=-1).cpu()
+        rel = self.residual_norms / moved.clamp_min(1e-12)
+        return torch.where(moved > 0, rel, torch.zeros_like(rel))
+
 
 def fixed_covariance(second_moments: dict[int, torch.Tensor], lam: float) -> dict[int, torch.Tensor]:
     """C = lam * E[k k^T] per layer: MEMIT's `mom2_update_weight` regulariser."""
@@ -498,9 +514,12 @@ def fixed_covariance(second_moments: dict[int, torch.Tensor], lam: float) -> dic
 
 def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
          cov: dict[int, torch.Tensor], *, mode: str = "sequential", templates=None,
-         progress: bool = False, z_cache: Path | None = None) -> EditResult:
+         progress: bool = False, z_cache: Path | None = None, z: ZResult | None = None
+         ) -> EditResult:
     """Run MEMIT on `requests`; the model is left unchanged. `cov[layer]` is the full regulariser C
-    (e.g. `fixed_covariance(second_moments, hp.mom2_update_weight)`)."""
+    (e.g. `fixed_covariance(second_moments, hp.mom2_update_weight)`). `z` hands in target vectors
+    optimised elsewhere (e.g. once on the base model, then reused in later rounds); by default
+    they are optimised on the model as it is now, as the reference does."""
     if mode not in ("sequential", "parallel"):
         raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
     if not requests:
@@ -510,7 +529,10 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
         raise KeyError(f"no covariance for edited layers {missing}")
     templates = templates or context_templates(lm, hp.context_templates, hp.context_template_tokens)
     t0 = time.perf_counter()
-    z = compute_z(lm, requests, hp, templates, progress=progress, cache=z_cache)
+    if z is None:
+        z = compute_z(lm, requests, hp, templates, progress=progress, cache=z_cache)
+    elif z.z.shape[0] != len(requests):
+        raise ValueError(f"{z.z.shape[0]} z vectors handed in for {len(requests)} requests")
     t1 = time.perf_counter()
     layers: dict[int, LayerEdit] = {}
     if mode == "parallel":

@@ -31,6 +31,12 @@ class RunConfig:
     num_server_rounds: int = 1
     edit_mode: str = "parallel"  # "sequential" (reference MEMIT) | "parallel" (official CollabEdit)
     protocol: str = "one-shot"  # or "layerwise": one exchange per edited layer
+    # where z is optimised: "current" = on the global model of the round (reference MEMIT);
+    # "base" = once on the unedited model, reused in every later round (fixed targets, as the
+    # paper's residual analysis assumes; far cheaper on a CPU)
+    z_model: str = "current"
+    # share of each client's requests in rounds >= 2 that repeat its round-1 requests (overlap)
+    repeat_fraction: float = 0.0
     layers: str = ""  # e.g. "4-8"; "" = the model preset
     mom2_update_weight: float = 0.0  # lam; 0 = preset
     v_num_grad_steps: int = 0  # 0 = preset
@@ -44,6 +50,7 @@ class RunConfig:
     min_clients: int = 1  # a round fails when fewer clients succeed
     round_timeout: float = 86400.0  # seconds; Flower's default 3600 drops slow CPU replies
     eval_batch_size: int = 32
+    eval_scope: str = "edited"  # score every request edited so far, or only round 1's ("first")
     seed: int = 0
     results_dir: str = ""  # "" = $COLLABEDIT_RESULTS, else ./results/runs (of the ServerApp process)
     run_name: str = ""  # "" = <strategy>-<dataset>-<timestamp>
@@ -70,7 +77,8 @@ class RunConfig:
         if bad:
             raise ValueError(f"unknown strategy {bad}; choose from {STRATEGIES} or 'all'")
         choices = {"edit_mode": ("sequential", "parallel"), "protocol": ("one-shot", "layerwise"),
-                   "partition": ("contiguous", "random")}
+                   "partition": ("contiguous", "random"), "z_model": ("current", "base"),
+                   "eval_scope": ("edited", "first")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')} must be one of {allowed}, "
@@ -80,6 +88,8 @@ class RunConfig:
         if self.protocol == "layerwise" and self.edit_mode != "sequential":
             raise ValueError('protocol="layerwise" exists to make sequential MEMIT exact; with '
                              'edit-mode="parallel" one-shot is already exact: use protocol="one-shot"')
+        if not 0 <= self.repeat_fraction <= 1:
+            raise ValueError(f"repeat-fraction must be in [0, 1], got {self.repeat_fraction}")
         if not 0 < self.ties_density <= 1:
             raise ValueError(f"ties-density must be in (0, 1], got {self.ties_density}")
         try:
@@ -124,20 +134,43 @@ def split_requests(cfg: RunConfig, num_clients: int) -> list[list[list[EditReque
     """[client][round] -> requests. Clients and the server derive the same split from the run
     config alone (deterministic, seeded), so no request ever travels."""
     key = (cfg.dataset, cfg.dataset_path, cfg.data_dir, cfg.partition, cfg.seed, num_clients,
-           cfg.edits_per_client, cfg.num_server_rounds)
+           cfg.edits_per_client, cfg.num_server_rounds, cfg.repeat_fraction)
     if cfg.data_dir:  # one place for every reader (benchmarks and Wikipedia text alike)
         os.environ["COLLABEDIT_DATA"] = cfg.data_dir
     if key not in _SPLITS:
-        total = num_clients * cfg.edits_per_client * cfg.num_server_rounds
+        repeats = repeats_per_round(cfg)
+        fresh = cfg.edits_per_client + (cfg.num_server_rounds - 1) * (cfg.edits_per_client - repeats)
+        total = num_clients * fresh
         requests = load_requests(cfg.dataset, cfg.dataset_path or None, limit=total,
                                  **dataset_options(cfg.dataset))
         if len(requests) < total:
             raise ValueError(f"{cfg.dataset} has {len(requests)} usable records; {num_clients} "
-                             f"clients x {cfg.edits_per_client} edits x {cfg.num_server_rounds} "
-                             f"rounds need {total}")
-        _SPLITS[key] = [chunks(part, cfg.edits_per_client) for part in
-                        partition(requests, num_clients, mode=cfg.partition, seed=cfg.seed)]
+                             f"clients x {cfg.num_server_rounds} rounds of {cfg.edits_per_client} "
+                             f"edits ({repeats} repeated per later round) need {total}")
+        split = []
+        for part in partition(requests, num_clients, mode=cfg.partition, seed=cfg.seed):
+            first, rest = part[:cfg.edits_per_client], part[cfg.edits_per_client:]
+            new = cfg.edits_per_client - repeats
+            later = chunks(rest, new) if new else [[]] * (cfg.num_server_rounds - 1)
+            split.append([first] + [first[:repeats] + c for c in later])
+        _SPLITS[key] = split
     return _SPLITS[key]
+
+
+def repeats_per_round(cfg: RunConfig) -> int:
+    """Requests of round 1 that each client edits again in every later round."""
+    if cfg.num_server_rounds == 1 or not cfg.repeat_fraction:
+        return 0
+    return max(1, round(cfg.repeat_fraction * cfg.edits_per_client))
+
+
+def edited_so_far(cfg: RunConfig, num_clients: int, pid: int, rnd: int) -> list[EditRequest]:
+    """A client's distinct requests of rounds 1..rnd (a repeated request counts once)."""
+    seen: dict[str, EditRequest] = {}
+    for chunk in split_requests(cfg, num_clients)[pid][:rnd]:
+        for r in chunk:
+            seen.setdefault(r.case_id, r)
+    return list(seen.values())
 
 
 def run_workspace(cfg: RunConfig, progress: bool = True) -> Workspace:

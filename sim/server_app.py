@@ -15,7 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from editing.evaluate import summarize
-from editing.memit import applied, edit
+from editing.memit import applied, compute_z, edit
 from editing.models import cache_dir, describe, weight
 from editing.workspace import Workspace
 from strategies import payload
@@ -39,12 +39,16 @@ def server_workspace(cfg: RunConfig) -> Workspace:
 
 
 def summarize_sums(sums: dict[str, float]) -> dict[str, float]:
-    """Client sums "sum.<kind>.<metric>" / "count.<kind>.<metric>" -> global means (0-100)."""
+    """Client sums "sum.<kind>.<metric>" / "count.<kind>.<metric>" -> global means (0-100);
+    the same under "first." (round 1's requests alone) -> "first-<metric>"."""
     out: dict[str, float] = {}
-    for kind in sorted({k.split(".")[1] for k in sums if k.startswith("sum.")}):
-        s = {k.split(".")[2]: v for k, v in sums.items() if k.startswith(f"sum.{kind}.")}
-        c = {k.split(".")[2]: int(v) for k, v in sums.items() if k.startswith(f"count.{kind}.")}
-        out.update(summarize(s, c, kind))
+    for prefix in ("", "first."):
+        mine = {k[len(prefix):]: v for k, v in sums.items()
+                if k.startswith((prefix + "sum.", prefix + "count."))}
+        for kind in sorted({k.split(".")[1] for k in mine if k.startswith("sum.")}):
+            s = {k.split(".")[2]: v for k, v in mine.items() if k.startswith(f"sum.{kind}.")}
+            c = {k.split(".")[2]: int(v) for k, v in mine.items() if k.startswith(f"count.{kind}.")}
+            out.update({f"{prefix.replace('.', '-')}{k}": v for k, v in summarize(s, c, kind).items()})
     return out
 
 
@@ -66,10 +70,12 @@ def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
     def central_edit(rnd: int, global_deltas: dict, cov: dict) -> tuple[dict, dict]:
         this_round = [r for part in split_requests(cfg, num_clients) for r in part[rnd - 1]]
         current = {l: torch.from_numpy(d) for l, d in global_deltas.items()}
+        z_base = (compute_z(ws.lm, this_round, ws.hp, ws.templates, progress=True,
+                            cache=cache_dir() / "z") if cfg.z_model == "base" else None)
         with applied(ws.lm, current):
             result = edit(ws.lm, this_round, ws.hp, {l: torch.from_numpy(c) for l, c in cov.items()},
                           mode=cfg.edit_mode, templates=ws.templates, progress=True,
-                          z_cache=cache_dir() / "z")
+                          z_cache=cache_dir() / "z", z=z_base)
         return ({l: e.delta.numpy() for l, e in result.layers.items()},
                 {l: e.kkt.numpy() for l, e in result.layers.items()})
 

@@ -152,7 +152,7 @@ class EditStrategy(Strategy):
                 self._fail(self._client(reply), f"evaluate: {reply.error.reason}")
                 continue
             for k, v in reply.content["metrics"].items():
-                if k.startswith(("sum.", "count.")):
+                if k.startswith(("sum.", "count.", "first.")):
                     sums[k] = sums.get(k, 0.0) + float(v)
         return MetricRecord(self.summarize(sums)) if sums else None
 

@@ -10,7 +10,7 @@ from flwr.app import Array, Message, RecordDict
 
 import sim.server_app as server_app
 from editing.memit import edit
-from sim.config import RunConfig, split_requests
+from sim.config import RunConfig, edited_so_far, split_requests
 from strategies import payload
 from strategies.flower import RoundFailed
 from tests.sim.conftest import REQUESTS
@@ -179,12 +179,40 @@ def test_multi_round_dynamic_covariance_collabedit_equals_global(tiny, tmp_path)
     assert ["past-kkt" in m.content.array_records for m in trains[-4:]] == [False] * 2 + [True] * 2
 
 
+def test_repeat_fraction_repeats_round_one_requests(tiny, tmp_path):
+    cfg = RunConfig.from_flower(run_config(tmp_path, **{"num-server-rounds": 3,
+                                                        "repeat-fraction": 0.5}))
+    split = split_requests(cfg, 2)
+    ids = [[[r.case_id for r in chunk] for chunk in client] for client in split]
+    assert ids == [[["0", "1"], ["0", "2"], ["0", "3"]], [["4", "5"], ["4", "6"], ["4", "7"]]]
+    assert [r.case_id for r in edited_so_far(cfg, 2, 1, 3)] == ["4", "5", "6", "7"]
+
+
+def test_overlap_base_z_residuals_shrink_and_first_round_is_scored(tiny, tmp_path):
+    """The same requests edited again with fixed targets (z on the base model): each round the
+    relative residual ||z - h|| / ||z - z_init|| falls (paper eq. 6), the merge stays exact, and
+    rounds >= 2 report round 1's requests apart."""
+    summary, _ = run(tmp_path, clients=2, **{"num-server-rounds": 3, "repeat-fraction": 1.0,
+                                            "z-model": "base"})
+    assert max(summary["collabedit_vs_global_rel_diff"].values()) <= 1e-8
+    rounds = summary["strategies"]["collabedit"]["rounds"]
+    rel = [np.concatenate([m["relative-residuals"] for ms in r["client_metrics"].values()
+                           for m in ms]) for r in rounds]
+    assert np.allclose(rel[0], 1.0, atol=1e-5)  # round 1: nothing of z is in the model yet
+    assert (rel[1] < rel[0] - 1e-4).all() and (rel[2] < rel[1] - 1e-4).all()
+    assert [r["metrics"]["n"] for r in rounds] == [4, 4, 4]  # a repeat is scored once
+    assert "first-es" not in rounds[0]["metrics"]
+    assert rounds[2]["metrics"]["first-es"] == pytest.approx(rounds[2]["metrics"]["es"])
+
+
 @pytest.mark.parametrize("bad,match", [({"edits-per-client": 2.5}, "integer"),
                                        ({"strategy": ""}, "empty"),
                                        ({"strategy": "fedavg"}, "unknown strategy"),
                                        ({"protocol": "layerwise"}, "layerwise"),
                                        ({"ties-density": 0}, "ties-density"),
                                        ({"fail-clients": "x"}, "fail-clients"),
+                                       ({"z-model": "old"}, "z_model|z-model"),
+                                       ({"repeat-fraction": 1.5}, "repeat-fraction"),
                                        ({"unknown-key": 1}, "unknown run-config key")])
 def test_bad_run_config_is_refused_up_front(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
