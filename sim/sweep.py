@@ -51,13 +51,39 @@ PRESETS: dict[str, dict] = {
     # Experiments that are not a grid of comparison runs name a module with
     # `run(spec: dict, out: Path) -> str` (writes summary.csv, summary.md and PNGs into `out`,
     # returns the Markdown).
+    "overlap": {
+        "title": "Figure 3: residual of repeated edits, and an overlap detector",
+        "scale": "4 clients x 4 CounterFact requests edited 12 times; detector on 4 x 8 requests, "
+                 "half repeated (paper: GPT2-XL / GPT-J, residual curve only)",
+        "runner": "sim.overlap",
+        "params": {"dataset": "counterfact", "clients": 4, "edits": 4, "repeats": 12,
+                   "detector_edits": 8, "detector_repeat_fraction": 0.5, "threshold": 0.5},
+    },
+    "forgetting": {
+        "title": "Table 5: round 1's edits after more rounds, fixed vs dynamic covariance",
+        "scale": "4 clients x 4 edits per round, 6 rounds (m = 5; paper: m = 1000 rounds on "
+                 "GPT2-XL / GPT-J)",
+        "runner": "sim.forgetting",
+        "params": {"datasets": ["counterfact", "zsre"], "clients": 4, "edits": 4, "rounds": 6,
+                   "z_model": "base",
+                   # beta1 = lam is the official code's choice; 1 weighs a past key like a new one
+                   "variants": {"fixed C": 0.0, "dynamic C, beta1=1": 1.0,
+                                "dynamic C, beta1=lam": "lam"}},
+    },
     "conflict": {
         "title": "Tables 6 and 4: conflicting edits, their damage, and the two-stage resolution",
-        "runner": "sim.conflict", "params": {},
+        "scale": "Table 6: 16 CounterFact pairs, E over 4 clients and E' over 4 more (paper: 5000 pairs, "
+                 "GPT-J / GPT2-XL); Table 4: 12 conflict-set pairs over 4 clients (paper: 1000 pairs)",
+        "runner": "sim.conflict",
+        "params": {"model": "smollm2", "seed": 0, "clients": 4, "table6_pairs": 16, "table4_pairs": 12,
+                   "augment": 1, "detect_ratio": 0.5},
     },
     "privacy": {
         "title": "Privacy: what the server learns from K K^T (CollabEdit) and from Delta (baselines)",
-        "runner": "sim.privacy", "params": {},
+        "scale": "clients of 1-96 edits on CounterFact records 0-95, 200 non-member records, SmolLM2-135M "
+                 "(paper section 6: GEIA text inversion from K K^T, no membership test)",
+        "runner": "sim.privacy",
+        "params": {"ns": [1, 2, 4, 8, 16, 32, 96], "max_clients": 8, "nonmembers": 200},
     },
 }
 
@@ -107,21 +133,24 @@ def run_one(clients: int, rc: dict, backend: str) -> dict:
     return run(InProcessGrid(clients, rc, keep=False), RunConfig.from_flower(rc))
 
 
+def run_or_resume(clients: int, rc: dict, runs: Path, backend: str = "inprocess",
+                  name: str | None = None) -> dict:
+    """One run, unless its finished summary is already on disk (an interrupted sweep resumes)."""
+    rc = {**rc, "results-dir": str(runs), "run-name": name or run_name(clients, rc)}
+    path = runs / rc["run-name"] / "summary.json"
+    if path.exists() and "finished" in (done := json.loads(path.read_text())):
+        log.info("already done: %s", rc["run-name"])
+        return done
+    log.info("running %s (%d clients)", rc["run-name"], clients)
+    return run_one(clients, rc, backend)
+
+
 def sweep(spec: dict, out: Path, backend: str = "inprocess", overrides: dict | None = None
           ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(spec, indent=1))
-    summaries = []
-    for clients, rc in expand(spec):
-        rc = {**rc, **(overrides or {})}
-        rc.update({"results-dir": str(out / "runs"), "run-name": run_name(clients, rc)})
-        path = out / "runs" / rc["run-name"] / "summary.json"
-        if path.exists() and "finished" in (done := json.loads(path.read_text())):
-            log.info("already done: %s", rc["run-name"])
-            summaries.append(done)
-            continue
-        log.info("running %s (%d clients)", rc["run-name"], clients)
-        summaries.append(run_one(clients, rc, backend))
+    summaries = [run_or_resume(clients, {**rc, **(overrides or {})}, out / "runs", backend)
+                 for clients, rc in expand(spec)]
     rows = table_rows(summaries)
     write_csv(rows, out / "summary.csv")
     (out / "summary.md").write_text(markdown(spec, rows))
@@ -154,20 +183,27 @@ def table_rows(summaries: list[dict]) -> list[dict]:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["strategy"]
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def md_table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) and abs(v) < 0.01 and v else (
+            f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(spec: dict, rows: list[dict]) -> str:
     cols = ["dataset", "clients", "total-edits", "edit-mode", "protocol", "strategy"] + [
         m for m in METRICS if any(not math.isnan(r[m]) for r in rows)] + ["seconds"]
-    lines = [f"# {spec['title']}", "", f"Scale: {spec.get('scale', 'as configured')}.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
-                                       for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([f"# {spec['title']}", "", f"Scale: {spec.get('scale', 'as configured')}.",
+                      "", md_table(rows, cols)])
 
 
 def plot(spec: dict, rows: list[dict], path: Path) -> None:
