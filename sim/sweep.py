@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS: dict[str, dict] = {
     "table1": {
         "title": "Table 1: every strategy, 10 clients",
-        "scale": "10 clients x 5 edits (paper: 10 x 500 on GPT2-XL / GPT-J)",
-        "base": {"strategy": "all", "edits-per-client": 5, "edit-mode": "parallel"},
+        "scale": "10 clients x 10 edits (paper: 10 x 500 on GPT2-XL / GPT-J)",
+        "base": {"strategy": "all", "edits-per-client": 10, "edit-mode": "parallel"},
         "grid": {"dataset": ["counterfact", "zsre"]}, "clients": [10], "x": "dataset",
     },
     "num-edits": {
@@ -72,10 +72,10 @@ PRESETS: dict[str, dict] = {
     },
     "conflict": {
         "title": "Tables 6 and 4: conflicting edits, their damage, and the two-stage resolution",
-        "scale": "Table 6: 16 CounterFact pairs, E over 4 clients and E' over 4 more (paper: 5000 pairs, "
-                 "GPT-J / GPT2-XL); Table 4: 12 conflict-set pairs over 4 clients (paper: 1000 pairs)",
+        "scale": "Table 6: 8 CounterFact pairs, E over 4 clients and E' over 4 more (paper: 5000 pairs, "
+                 "GPT-J / GPT2-XL); Table 4: 8 conflict-set pairs over 4 clients (paper: 1000 pairs)",
         "runner": "sim.conflict",
-        "params": {"model": "smollm2", "seed": 0, "clients": 4, "table6_pairs": 16, "table4_pairs": 12,
+        "params": {"model": "smollm2", "seed": 0, "clients": 4, "table6_pairs": 8, "table4_pairs": 8,
                    "augment": 1, "detect_ratio": 0.5},
     },
     "privacy": {
