@@ -89,6 +89,7 @@ def plot(spec, rows, model, p, path: Path) -> None:
     ax.fill_between(x, [r["rel-min"] for r in rows], [r["rel-max"] for r in rows], alpha=0.2,
                     label="min-max over requests")
     ax.axhline(p["threshold"], ls="--", c="grey", label=f"detector threshold {p['threshold']}")
+    ax.axhline(0.01, ls=":", c="red", label="paper (GPT2-XL): ||R|| < 0.01 after 12 repeats")
     ax.set_yscale("log")
     ax.set_xlabel("times the same request has been edited (round)")
     ax.set_ylabel("relative residual ||z - h|| / ||z - z_init|| (log)")
