@@ -439,3 +439,37 @@ def dataset_options(name: str) -> dict:
     # (zsRE). In the conflict set 66 records name the same object twice: not conflicts, dropped
     # with a logged count as well.
     return {"zsre": {"skip_incomplete": True}, "conflict": {"skip_malformed": True}}.get(name, {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmented requests (resolving a knowledge conflict, CollabEdit paper section 4.2.2)
+
+
+def round_prompts(path: str | Path | None = None) -> dict[str, list[str]]:
+    """Paraphrase templates per relation id: the CollabEdit repo's round_prompts.json (10 per relation of the
+    conflict set). Default location: beside the "conflict" dataset file (`resolve_dataset`)."""
+    import json
+
+    file = Path(path) if path is not None else resolve_dataset("conflict").with_name("round_prompts.json")
+    if not file.is_file():
+        raise DataError(f"{file}: no such file (round_prompts.json lies beside the conflict dataset)")
+    prompts = json.loads(file.read_text())
+    for relation, templates in prompts.items():
+        for template in templates:
+            if template.count("{}") != 1:
+                raise DataError(f"{file}: relation {relation}: template {template!r} needs exactly one '{{}}'")
+    return prompts
+
+
+def augmented(request: EditRequest, templates: Sequence[str], k: int, seed: int = 0) -> list[EditRequest]:
+    """`k` extra requests for the same fact on other prompts of its relation ("related prompts of the same
+    fact"), drawn with an RNG seeded by (seed, case_id); the request's own prompt is never drawn."""
+    candidates = sorted(set(templates) - {request.prompt})
+    if k > len(candidates):
+        raise DataError(f"request {request.case_id}: {k} augmentations asked, {len(candidates)} templates left")
+    chosen = random.Random(f"{seed}:{request.case_id}").sample(candidates, k)
+    return [
+        replace(request, case_id=f"{request.case_id}:aug{i}", prompt=t, paraphrase_prompts=(),
+                neighborhood_prompts=(), extra={**request.extra, "augments": request.case_id})
+        for i, t in enumerate(chosen)
+    ]

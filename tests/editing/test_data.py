@@ -14,12 +14,14 @@ import pytest
 from editing.data import (
     DataError,
     EditRequest,
+    augmented,
     chunks,
     conflict_pairs,
     counterfact_conflicts,
     load_requests,
     partition,
     resolve_dataset,
+    round_prompts,
 )
 
 ZSRE_FILE = "zsre/mem_eval_format/zsre_eval_union.json"
@@ -326,3 +328,22 @@ def test_chunks_for_rounds():
     assert [len(c) for c in chunks(items, 4, allow_partial=True)] == [4, 4, 1]
     with pytest.raises(DataError):
         chunks(items, 0)
+
+
+def test_round_prompts_and_augmented(shared_data, tmp_path):
+    prompts = round_prompts()
+    assert len(prompts) == 10 and all(len(t) == 10 for t in prompts.values())
+    request = load_requests("conflict", limit=1, skip_malformed=True)[0]
+    templates = prompts[request.relation_id]
+    aug = augmented(request, templates, 3, seed=0)
+    assert aug == augmented(request, templates, 3, seed=0) != augmented(request, templates, 3, seed=1)
+    assert len({a.prompt for a in aug}) == 3 and all(a.prompt in templates for a in aug)
+    assert all(a.subject == request.subject and a.target_new == request.target_new for a in aug)
+    assert all(a.case_id.startswith(f"{request.case_id}:aug") for a in aug)
+    # the request's own prompt is never drawn, even when it is one of the templates
+    own = augmented(request, [request.prompt, "{} x", "{} y"], 2)
+    assert {a.prompt for a in own} == {"{} x", "{} y"}
+    with pytest.raises(DataError, match="augmentations"):
+        augmented(request, templates, 11)
+    with pytest.raises(DataError, match="exactly one"):
+        round_prompts(write(tmp_path / "bad.json", {"P1": ["no slot"]}))
