@@ -40,7 +40,9 @@ def detection(scores: np.ndarray, repeated: np.ndarray, threshold: float) -> dic
         neg) else math.nan
     return {"threshold": threshold, "repeats": int(repeated.sum()), "fresh": int((~repeated).sum()),
             "flagged": int(flagged.sum()), "precision": tp / (tp + fp) if tp + fp else math.nan,
-            "recall": tp / (tp + fn) if tp + fn else math.nan, "auc": auc}
+            "recall": tp / (tp + fn) if tp + fn else math.nan, "auc": auc,
+            "repeat-max": float(pos.max()) if len(pos) else math.nan,
+            "fresh-min": float(neg.min()) if len(neg) else math.nan}
 
 
 def run(spec: dict, out: Path) -> str:
@@ -89,9 +91,9 @@ def plot(spec, rows, model, p, path: Path) -> None:
     ax.fill_between(x, [r["rel-min"] for r in rows], [r["rel-max"] for r in rows], alpha=0.2,
                     label="min-max over requests")
     ax.axhline(p["threshold"], ls="--", c="grey", label=f"detector threshold {p['threshold']}")
-    ax.axhline(0.01, ls=":", c="red", label="paper (GPT2-XL): ||R|| < 0.01 after 12 repeats")
+    ax.axhline(0.01, ls=":", c="red", label="paper (GPT2-XL): absolute ||R|| < 0.01 after 12 repeats")
     ax.set_yscale("log")
-    ax.set_xlabel("times the same request has been edited (round)")
+    ax.set_xlabel("n-th edit of the same requests (round); residual read before that edit")
     ax.set_ylabel("relative residual ||z - h|| / ||z - z_init|| (log)")
     ax.set_title(f"{spec['title']}\n{model}, {p['dataset']}, {p['clients']} clients x "
                  f"{p['edits']} requests, CollabEdit", fontsize=10)
