@@ -207,6 +207,12 @@ def markdown(spec: dict, rows: list[dict]) -> str:
                       "", md_table(rows, cols)])
 
 
+# GLOBAL and CollabEdit coincide in parallel mode: GLOBAL is drawn as a dashed line with hollow
+# markers so that both stay visible
+STYLE = {"global": {"ls": "--", "marker": "s", "mfc": "none", "ms": 10, "lw": 2.5},
+         "collabedit": {"marker": "o"}, "unedited": {"ls": ":", "marker": "x", "c": "grey"}}
+
+
 def plot(spec: dict, rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -214,29 +220,36 @@ def plot(spec: dict, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     x = spec.get("x", "clients")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     datasets = sorted({r["dataset"] for r in rows})
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         for ds in datasets:
             pts = [(r[x], r["score"]) for r in rows if r["strategy"] == strategy and r["dataset"] == ds]
             if not pts:
                 continue
-            label = strategy if len(datasets) == 1 else f"{strategy} ({ds})"
+            label = strategy + (" (not private)" if strategy == "global" else "")
+            label = label if len(datasets) == 1 else f"{label} ({ds})"
             if all(isinstance(p[0], (int, float)) for p in pts):
                 pts.sort()
             xs, ys = zip(*pts)
             numeric = all(isinstance(v, (int, float)) for v in xs)
-            ax.plot(xs if numeric else list(map(str, xs)), ys, marker="o", label=label)
+            ax.plot(xs if numeric else list(map(str, xs)), ys, label=label,
+                    **{"marker": "o", **STYLE.get(strategy, {})})
     model = rows[0]["model"] if rows else ""
     ax.set_xlabel({"total-edits": "total edits (requests)", "clients": "number of clients",
                    "dataset": "dataset"}.get(x, x))
     ax.set_ylabel("Score, 0-100 (harmonic mean of ES, PS, NS)")
     ax.set_ylim(0, 100)
-    if all(isinstance(r[x], (int, float)) for r in rows):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    xs = [r[x] for r in rows]
+    if all(isinstance(v, (int, float)) for v in xs):
+        if min(xs) > 0 and max(xs) / min(xs) >= 8:  # 4, 16, 64 edits: equal steps on a log axis
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(set(xs)), [str(v) for v in sorted(set(xs))])
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{spec['title']}\n{model}, {', '.join(datasets)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
