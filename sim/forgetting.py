@@ -14,14 +14,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from editing.evaluate import COUNTERFACT, KIND_OF_SOURCE, SCORE_KEYS
 
 from .config import RunConfig, run_workspace
 from .sweep import md_table, run_or_resume, write_csv
-
-
-def _score_keys(dataset: str) -> tuple[str, ...]:
-    return SCORE_KEYS[KIND_OF_SOURCE.get(dataset, COUNTERFACT)] + ("score",)
 
 
 def run(spec: dict, out: Path) -> str:
@@ -29,7 +24,6 @@ def run(spec: dict, out: Path) -> str:
     rows, curves = [], {}
     lam = run_workspace(RunConfig()).hp.mom2_update_weight  # "lam" in a variant means this
     for dataset in p["datasets"]:
-        keys = _score_keys(dataset)
         for label, beta1 in p["variants"].items():
             beta1 = lam if beta1 == "lam" else float(beta1)
             rc = {"strategy": "collabedit", "dataset": dataset, "edit-mode": "parallel",
@@ -38,7 +32,9 @@ def run(spec: dict, out: Path) -> str:
                   "seed": p.get("seed", 0)}
             summary = run_or_resume(p["clients"], rc, out / "runs", name=f"{dataset}-{label}")
             rounds = summary["strategies"]["collabedit"]["rounds"]
-            # round 1 scores only round 1's requests; later rounds report them as "first-*"
+            # round 1 scores only round 1's requests; later rounds report them as "first-*".
+            # CounterFact's probability margins (es_mag, ...) move before the success rates do
+            keys = [k for k in rounds[0]["metrics"] if k != "n"]
             series = [r["metrics"] if i == 0 else {k: r["metrics"][f"first-{k}"] for k in keys}
                       for i, r in enumerate(rounds)]
             curves[(dataset, label)] = [s["score"] for s in series]
