@@ -192,6 +192,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def md_table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
+        if isinstance(v, float) and math.isnan(v):
+            return "–"  # a metric this dataset does not have
         return f"{v:.4g}" if isinstance(v, float) and abs(v) < 0.01 and v else (
             f"{v:.2f}" if isinstance(v, float) else str(v))
 
@@ -222,9 +224,20 @@ def plot(spec: dict, rows: list[dict], path: Path) -> None:
     x = spec.get("x", "clients")
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     datasets = sorted({r["dataset"] for r in rows})
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+    if x == "dataset":  # categories, not a trend: grouped bars, one per strategy
+        strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+        width = 0.8 / len(strategies)
+        for i, strategy in enumerate(strategies):
+            ys = [next((r["score"] for r in rows if r["strategy"] == strategy and r["dataset"] == ds),
+                       math.nan) for ds in datasets]
+            label = strategy + (" (not private)" if strategy == "global" else "")
+            bars = ax.bar([j + i * width for j in range(len(datasets))], ys, width, label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(datasets))], datasets)
+    lines = [] if x == "dataset" else rows
+    for strategy in dict.fromkeys(r["strategy"] for r in lines):
         for ds in datasets:
-            pts = [(r[x], r["score"]) for r in rows if r["strategy"] == strategy and r["dataset"] == ds]
+            pts = [(r[x], r["score"]) for r in lines if r["strategy"] == strategy and r["dataset"] == ds]
             if not pts:
                 continue
             label = strategy + (" (not private)" if strategy == "global" else "")
@@ -238,10 +251,11 @@ def plot(spec: dict, rows: list[dict], path: Path) -> None:
     model = rows[0]["model"] if rows else ""
     ax.set_xlabel({"total-edits": "total edits (requests)", "clients": "number of clients",
                    "dataset": "dataset"}.get(x, x))
-    ax.set_ylabel("Score, 0-100 (harmonic mean of ES, PS, NS)")
+    ax.set_ylabel("Score, 0-100 (harmonic mean of " + " / ".join(
+        {"zsre": "EA, PA, NA"}.get(ds, "ES, PS, NS") for ds in datasets) + ")")
     ax.set_ylim(0, 100)
-    xs = [r[x] for r in rows]
-    if all(isinstance(v, (int, float)) for v in xs):
+    xs = [r[x] for r in lines]
+    if xs and all(isinstance(v, (int, float)) for v in xs):
         if min(xs) > 0 and max(xs) / min(xs) >= 8:  # 4, 16, 64 edits: equal steps on a log axis
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(set(xs)), [str(v) for v in sorted(set(xs))])
