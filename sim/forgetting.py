@@ -37,7 +37,9 @@ def run(spec: dict, out: Path) -> str:
             keys = [k for k in rounds[0]["metrics"] if k != "n"]
             series = [r["metrics"] if i == 0 else {k: r["metrics"][f"first-{k}"] for k in keys}
                       for i, r in enumerate(rounds)]
-            curves[(dataset, label)] = [s["score"] for s in series]
+            efficacy = "ea" if "ea" in keys else "es"
+            curves[(dataset, label)] = {"score": [x["score"] for x in series],
+                                        efficacy: [x[efficacy] for x in series]}
             if not rows or rows[-1]["dataset"] != dataset:
                 rows.append({"dataset": dataset, "when": "before (after round 1)",
                              **{k: series[0][k] for k in keys}})
@@ -57,17 +59,22 @@ def plot(spec, curves, p, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (dataset, label), ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{label} ({dataset})")
-    ax.set_xlabel("round (each adds new, unrelated edits)")
-    ax.set_ylabel("Score of round 1's edits, 0-100")
-    ax.set_ylim(0, 100)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(f"{spec['title']}\nSmolLM2-135M, {', '.join(p['datasets'])}, {p['clients']} "
+    # the Score hides zsRE's forgetting behind its low, flat NA: efficacy is shown beside it
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, what in zip(axes, ("score", "efficacy")):
+        for (dataset, label), ys in curves.items():
+            key = what if what == "score" else next(k for k in ys if k != "score")
+            ax.plot(range(1, len(ys[key]) + 1), ys[key], marker="o",
+                    ls="--" if "fixed" in label else "-", label=f"{label} ({dataset}, {key.upper()})")
+        ax.set_xlabel("round (each adds new, unrelated edits)")
+        ax.set_ylabel({"score": "Score of round 1's edits, 0-100",
+                       "efficacy": "ES / EA of round 1's edits, 0-100"}[what])
+        ax.set_ylim(0, 100)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{spec['title']}\nSmolLM2-135M, {', '.join(p['datasets'])}, {p['clients']} "
                  f"clients x {p['edits']} edits per round, CollabEdit", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
