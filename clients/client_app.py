@@ -19,7 +19,7 @@ from editing.evaluate import EvalResult, evaluate, evaluate_cached
 from editing.memit import applied, compute_z, edit, layer_edit
 from editing.models import cache_dir
 from editing.workspace import Workspace
-from sim.config import RunConfig, edited_so_far, run_workspace, split_requests
+from sim.config import RunConfig, base_targets, edited_so_far, run_workspace, split_requests
 from strategies import payload
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ def train(msg: Message, context: Context) -> Message:
             if "past-kkt" in msg.content.array_records else None)
     cov = ws.covariance(cfg.beta0, cfg.beta1, past)
     metrics = {"partition-id": pid, "num-edits": len(requests)}
-    # z-model="base": targets optimised on the unedited model, before the global edits go on
-    z_base = (compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z")
-              if cfg.z_model == "base" else None)
+    z_base = base_targets(cfg, ws, requests)
     with applied(ws.lm, _global_deltas(msg)):
         if tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
             result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates,
@@ -112,8 +110,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"]["server-round"])
     ws = workspace(cfg)
     first = edited_so_far(cfg, n, pid, 1)
-    later = ([] if cfg.eval_scope == "first" else
-             [r for r in edited_so_far(cfg, n, pid, rnd) if r not in first])
+    later = [] if cfg.eval_scope == "first" else edited_so_far(cfg, n, pid, rnd)[len(first):]
     deltas = _global_deltas(msg)
     if all(not d.any() for d in deltas.values()):
         # the unedited model: its scores are cached per model and request set

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from editing.data import EditRequest, chunks, dataset_options, load_requests, partition
+from editing.memit import compute_z
+from editing.models import cache_dir
 from editing.workspace import Workspace, open_workspace
 
 STRATEGIES = ("unedited", "global", "collabedit", "simple-average", "task-arithmetic", "ties")
@@ -171,6 +173,16 @@ def edited_so_far(cfg: RunConfig, num_clients: int, pid: int, rnd: int) -> list[
         for r in chunk:
             seen.setdefault(r.case_id, r)
     return list(seen.values())
+
+
+def base_targets(cfg: RunConfig, ws: Workspace, requests, progress: bool = False):
+    """z-model="base": the requests' z optimised on the unedited model (call it before the global
+    edits go on; cached, so every round and every party reuses them). None: optimise on the
+    current model, as reference MEMIT does."""
+    if cfg.z_model != "base":
+        return None
+    return compute_z(ws.lm, requests, ws.hp, ws.templates, progress=progress,
+                     cache=cache_dir() / "z")
 
 
 def run_workspace(cfg: RunConfig, progress: bool = True) -> Workspace:

@@ -20,7 +20,6 @@ then equals editing everything centrally, so no Flower runtime is needed (the ap
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 import time
@@ -37,6 +36,8 @@ from editing.memit import applied, edit, z_key
 from editing.models import cache_dir
 from editing.workspace import open_workspace
 from strategies.merge import collabedit
+
+from .sweep import md_table, write_csv
 
 DEFAULTS = {"model": "smollm2", "seed": 0, "clients": 4, "table6_pairs": 8, "table4_pairs": 8,
             "augment": 1, "detect_ratio": 0.5}
@@ -218,18 +219,8 @@ def table4(ws, cov, pairs, prompts, p) -> tuple[list[dict], list[dict]]:
 
 # ----------------------------------------------------------------------------- outputs
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def table_md(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                     + ["| " + " | ".join(fmt(r.get(k, "")) for k in cols) + " |" for r in rows])
+def _f2(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def plot(rows6, rows4, model: str, path: Path) -> None:
@@ -292,16 +283,16 @@ def run(spec: dict, out: Path) -> str:
         f"Command: `source scripts/env.sh && OMP_NUM_THREADS=1 python -m sim.sweep {spec.get('name', 'conflict')}`; "
         f"{minutes:.1f} min on CPU; {len(Z_KEYS['fresh'])} of the {len(Z_KEYS['used'])} z vectors it needs were "
         f"optimised in this run (~15-50 s each on this CPU), the others came from the cache.", "",
-        f"## Table 6: edit E alone vs E plus a conflicting E' (metrics on E)", "",
+        "## Table 6: edit E alone vs E plus a conflicting E' (metrics on E)", "",
         f"E = the first {len(t6)} CounterFact records over clients 0-{p['clients'] - 1}; E' = the same subject "
         f"and prompt with another CounterFact record's new object of the same relation (seeded), over clients "
         f"{p['clients']}-{2 * p['clients'] - 1}. A and A' share subject and prompt, hence every key: the merge fits "
         f"one key to two residuals. P/Avg-Delta_P/Succ: E's object vs E''s on E's prompt. "
         f"reports = edits whose clients saw them lose > {1 / p['detect_ratio']:g}x probability in the merge.", "",
-        table_md(rows6, ["condition", "clients", "es", "ps", "ns", "score", "p_target", "p_conflict", "avg_dp",
-                         "succ", "reports"]), "",
+        md_table(rows6, ["condition", "clients", "es", "ps", "ns", "score", "p_target", "p_conflict", "avg_dp",
+                         "succ", "reports"], _f2),
         f"Paper: {PAPER_T6}.", "",
-        f"## Table 4: two-stage resolution on the CollabEdit conflict set", "",
+        "## Table 4: two-stage resolution on the CollabEdit conflict set", "",
         f"The first {len(t4)} valid pairs of easy_conflict_1000_p1.json (A: new_object, A': conflict_object) over "
         f"{p['clients']} clients; target = the edit FCFS keeps. Augmentation: {p['augment']} more request(s) per "
         f"kept edit on the relation's round_prompts.json templates; 'held-out' scores the remaining templates. "
@@ -310,8 +301,8 @@ def run(spec: dict, out: Path) -> str:
         f"probability in the merge, or ranked below the old object) and so detected {rows4[0]['detected']} of "
         f"{len(t4)} pairs; stage 2 re-edits only those. '_tok': per-token geometric mean probabilities, as the "
         f"official conflict code scores them.", "",
-        table_md(rows4, ["condition", "p_target", "p_conflict", "avg_dp", "succ", "avg_dp_heldout",
-                         "succ_heldout", "avg_dp_tok", "succ_tok"]), "",
+        md_table(rows4, ["condition", "p_target", "p_conflict", "avg_dp", "succ", "avg_dp_heldout",
+                         "succ_heldout", "avg_dp_tok", "succ_tok"], _f2),
         f"Paper: {PAPER_T4}. Per-pair values: pairs.csv.", ""])
     (out / "summary.md").write_text(md)
     return md

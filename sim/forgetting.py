@@ -11,7 +11,6 @@ score round 1's requests apart every round ("first-*" metrics), so "before" is r
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RunConfig, repeats_per_round, split_requests
+from .privacy import roc_auc
 from .sweep import md_table, run_or_resume, write_csv
 
 
@@ -36,8 +37,7 @@ def detection(scores: np.ndarray, repeated: np.ndarray, threshold: float) -> dic
     fp = int((flagged & ~repeated).sum())
     fn = int((~flagged & repeated).sum())
     pos, neg = scores[repeated], scores[~repeated]
-    auc = float(np.mean([(p < n) + 0.5 * (p == n) for p in pos for n in neg])) if len(pos) and len(
-        neg) else math.nan
+    auc = roc_auc(neg, pos) if len(pos) and len(neg) else math.nan  # a repeat should score lower
     return {"threshold": threshold, "repeats": int(repeated.sum()), "fresh": int((~repeated).sum()),
             "flagged": int(flagged.sum()), "precision": tp / (tp + fp) if tp + fp else math.nan,
             "recall": tp / (tp + fn) if tp + fn else math.nan, "auc": auc,
@@ -64,11 +64,13 @@ def run(spec: dict, out: Path) -> str:
     rc = {**base, "edits-per-client": p["detector_edits"], "num-server-rounds": 2,
           "repeat-fraction": p["detector_repeat_fraction"]}
     det = run_or_resume(p["clients"], rc, out / "runs", name="detector")
-    cfg = RunConfig.from_flower({k: v for k, v in det["config"].items()})
+    cfg = RunConfig.from_flower(det["config"])
     k = repeats_per_round(cfg)
     scores, repeated = [], []
     for pid, rel in sorted(client_values(det, 2, "relative-residuals").items()):
-        assert len(rel) == len(split_requests(cfg, p["clients"])[pid][1])
+        if len(rel) != len(split_requests(cfg, p["clients"])[pid][1]):
+            raise ValueError(f"client {pid} reported {len(rel)} residuals for a round of "
+                             f"{len(split_requests(cfg, p['clients'])[pid][1])} requests")
         scores += rel
         repeated += [i < k for i in range(len(rel))]  # a client's repeats lead its round-2 chunk
     found = detection(np.array(scores), np.array(repeated), p["threshold"])

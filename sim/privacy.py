@@ -25,7 +25,6 @@ with parallel MEMIT; no randomness is involved.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ import torch
 from editing.data import load_requests
 from editing.memit import compute_z, fill, read_keys, solve_layer, subject_last_index, target_ids
 from editing.models import cache_dir, module
+
+from .sweep import md_table, write_csv
 
 DEFAULTS = {"model": "smollm2", "dataset": "counterfact", "members": 96, "nonmember_offset": 100,
             "nonmembers": 200, "ns": [1, 2, 4, 8, 16, 32, 96], "max_clients": 8, "readout_n": 16,
@@ -223,17 +224,8 @@ def measure(ws, members, nonmembers, p: dict, z_cache: Path | None = None) -> di
 
 # ----------------------------------------------------------------------------- report
 
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _table(rows: list[dict], cols: list[str]) -> list[str]:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
-        "| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+def _g4(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def plot(res: dict, title: str, model: str, out: Path) -> list[str]:
@@ -301,8 +293,8 @@ def plot(res: dict, title: str, model: str, out: Path) -> list[str]:
 
 
 def report(spec: dict, p: dict, res: dict, model: str, out: Path, seconds: float) -> str:
-    _write_csv(res["membership"], out / "summary.csv")
-    _write_csv(res["reconstruction"], out / "reconstruction.csv")
+    write_csv(res["membership"], out / "summary.csv")
+    write_csv(res["reconstruction"], out / "reconstruction.csv")
     res["hist_n"] = p["hist_n"]
     pngs = plot(res, spec["title"], model, out)
     rec, mem, ro = res["reconstruction"], res["membership"], res["readout"]
@@ -319,14 +311,14 @@ def report(spec: dict, p: dict, res: dict, model: str, out: Path, seconds: float
         "`source scripts/env.sh && OMP_NUM_THREADS=1 python -m sim.sweep privacy`; "
         f"{seconds:.0f} s on a 2-core CPU ({res['seconds_keys']:.0f} s of it reading keys).", "",
         "## (a) Key reconstruction from one client's K K^T (and from its Delta, given C)", "",
-        *_table(rec, list(rec[0])), "",
+        md_table(rec, list(rec[0]), _g4),
         "## (b) Membership inference (summary.csv)", "",
         "Score of a candidate: energy fraction inside the recovered key span (`span`), or "
         "||Delta k|| / ||k|| (`norm`). Positives: the client's edited requests; negatives: "
         "non-member records scored against every client.", "",
-        *_table(mem, ["edits-per-client", "clients", "observed", "attacker", "auc", "tpr@1%fpr",
+        md_table(mem, ["edits-per-client", "clients", "observed", "attacker", "auc", "tpr@1%fpr",
                       "tpr@5%fpr", "members", "non-member scores", "member-score-min",
-                      "non-member-score-max"]), "",
+                      "non-member-score-max"], _g4),
     ]
     if ro:
         lines += [f"## (c) Reading out the new object (n = {ro['n']}, {ro['requests']} edited requests)", "",

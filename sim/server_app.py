@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,13 +14,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from editing.evaluate import summarize
-from editing.memit import applied, compute_z, edit
+from editing.memit import applied, edit
 from editing.models import cache_dir, describe, weight
 from editing.workspace import Workspace
 from strategies import payload
 from strategies.flower import STRATEGIES, EditStrategy, RoundFailed
 
-from .config import RunConfig, run_workspace, split_requests
+from .config import RunConfig, base_targets, run_workspace, split_requests
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -70,8 +69,7 @@ def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
     def central_edit(rnd: int, global_deltas: dict, cov: dict) -> tuple[dict, dict]:
         this_round = [r for part in split_requests(cfg, num_clients) for r in part[rnd - 1]]
         current = {l: torch.from_numpy(d) for l, d in global_deltas.items()}
-        z_base = (compute_z(ws.lm, this_round, ws.hp, ws.templates, progress=True,
-                            cache=cache_dir() / "z") if cfg.z_model == "base" else None)
+        z_base = base_targets(cfg, ws, this_round, progress=True)
         with applied(ws.lm, current):
             result = edit(ws.lm, this_round, ws.hp, {l: torch.from_numpy(c) for l, c in cov.items()},
                           mode=cfg.edit_mode, templates=ws.templates, progress=True,

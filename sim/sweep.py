@@ -190,13 +190,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def md_table(rows: list[dict], cols: list[str]) -> str:
-    def cell(v):
-        if isinstance(v, float) and math.isnan(v):
-            return "–"  # a metric this dataset does not have
-        return f"{v:.4g}" if isinstance(v, float) and abs(v) < 0.01 and v else (
-            f"{v:.2f}" if isinstance(v, float) else str(v))
+def _cell(v) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "–"  # a metric this dataset does not have
+    return f"{v:.4g}" if isinstance(v, float) and abs(v) < 0.01 and v else (
+        f"{v:.2f}" if isinstance(v, float) else str(v))
 
+
+def md_table(rows: list[dict], cols: list[str], cell=_cell) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
