@@ -18,7 +18,8 @@ import torch
 
 from editing.data import load_requests
 from editing.evaluate import evaluate
-from editing.memit import applied, compute_z, edit
+from editing.memit import compute_z, edit
+from editing.update import applied
 from editing.models import cache_dir, parse_layers
 from editing.workspace import open_workspace
 

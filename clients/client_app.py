@@ -16,7 +16,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from editing.evaluate import EvalResult, evaluate, evaluate_cached
-from editing.memit import applied, compute_z, edit, layer_edit
+from editing.memit import compute_z, edit, layer_edit
+from editing.update import applied
 from editing.models import cache_dir
 from editing.workspace import Workspace
 from sim.config import RunConfig, base_targets, edited_so_far, run_workspace, split_requests

@@ -16,7 +16,8 @@ import torch
 
 from .data import dataset_options, load_requests
 from .evaluate import evaluate, evaluate_cached
-from .memit import applied, edit
+from .memit import edit
+from .update import applied
 from .models import cache_dir, describe
 from .workspace import open_workspace
 

@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import EditRequest
-from .models import LoadedModel, MemitHparams, add_delta, module, weight
+from .models import LoadedModel, MemitHparams, module
 from .stats import StopForward
+from .update import LayerEdit, applied, apply_deltas, layer_update, solve_layer  # noqa: F401  (re-exported)
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 EARLY_STOP_LOSS = 5e-2  # the reference stops a request's optimisation below this loss
@@ -394,87 +395,13 @@ def read_keys(lm: LoadedModel, requests, layers, z_layer: int, templates, batch_
     return result, cur_z
 
 
-@dataclass
-class LayerEdit:
-    """One layer's update and what it is made of (float64, CPU, d_out x d_in layout)."""
-
-    layer: int
-    name: str
-    delta: torch.Tensor  # R K^T (C + K K^T)^{-1}
-    kkt: torch.Tensor  # K K^T
-    rkt: torch.Tensor  # R K^T
-    residual_norms: torch.Tensor  # per request ||r_j|| (this layer's share of z - current z)
-
-
-def solve_layer(keys: torch.Tensor, residual: torch.Tensor, cov: torch.Tensor):
-    """Delta = R K^T (C + K K^T)^{-1} in float64; keys d_in x n, residual d_out x n.
-
-    Returns (delta, kkt, rkt). C + K K^T is symmetric, so X A = B is solved as A X^T = B^T.
-    """
-    keys, residual, cov = keys.double(), residual.double(), cov.to(keys.device).double()
-    kkt = keys @ keys.T
-    rkt = residual @ keys.T
-    system = cov + kkt
-    delta = torch.linalg.solve(system, rkt.T).T
-    if not torch.isfinite(delta).all():
-        raise FloatingPointError("MEMIT solve gave non-finite values: C + K K^T is singular "
-                                 "(raise mom2_update_weight or the covariance sample size)")
-    return delta, kkt, rkt
-
-
 def layer_edit(lm: LoadedModel, requests, z: torch.Tensor, layer: int, hp: MemitHparams,
                cov: torch.Tensor, templates) -> LayerEdit:
     """One layer of MEMIT on the model as it is now: keys, residual share, solve."""
     keys, cur_z = read_keys(lm, requests, [layer], hp.layers[-1], templates)
     remaining = len(hp.layers) - hp.layers.index(layer)
-    return _layer_from(lm, layer, keys[layer], (z.to(cur_z.device).double() - cur_z) / remaining, cov)
+    return layer_update(lm, layer, keys[layer], (z.to(cur_z.device).double() - cur_z) / remaining, cov)
 
-
-def _layer_from(lm, layer, keys, residual, cov) -> LayerEdit:
-    solve_device = lm.device if lm.device.type == "cuda" else torch.device("cpu")
-    delta, kkt, rkt = solve_layer(keys.T.to(solve_device), residual.T.to(solve_device), cov)
-    return LayerEdit(layer=layer, name=lm.spec.rewrite_weight_name(layer), delta=delta.cpu(),
-                     kkt=kkt.cpu(), rkt=rkt.cpu(), residual_norms=residual.norm(dim=-1).cpu())
-
-
-# ----------------------------------------------------------------------------- applying edits
-
-@contextlib.contextmanager
-def applied(lm: LoadedModel, deltas: dict[int, torch.Tensor]):
-    """Apply {layer: delta} for the duration of the block; the original weights come back bit for
-    bit (they are copied, not recomputed by subtraction)."""
-    saved = {layer: weight(lm.model, lm.spec, layer).detach().clone() for layer in deltas}
-    state = lm.state
-    try:
-        for layer, delta in deltas.items():
-            add_delta(lm.model, lm.spec, layer, delta)
-        lm.state = _state_after(state, deltas)
-        yield lm
-    finally:
-        lm.state = state
-        with torch.no_grad():
-            for layer, w in saved.items():
-                weight(lm.model, lm.spec, layer).copy_(w)
-
-
-def _state_after(state: str, deltas: dict[int, torch.Tensor], scale: float = 1.0) -> str:
-    """A tag for "base weights + these deltas", so caches never confuse two model states.
-    All-zero deltas change no weight, so they keep the tag (round 1 of a run = the base model)."""
-    deltas = {layer: d for layer, d in deltas.items() if bool(d.any())}
-    if not deltas or scale == 0:
-        return state
-    h = hashlib.sha256(f"{state}|{scale}".encode())
-    for layer in sorted(deltas):
-        h.update(str(layer).encode())
-        h.update(deltas[layer].detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def apply_deltas(lm: LoadedModel, deltas: dict[int, torch.Tensor], scale: float = 1.0) -> None:
-    """Permanent: for the server's global model and for clients taking the merged edits."""
-    for layer, delta in deltas.items():
-        add_delta(lm.model, lm.spec, layer, delta, scale)
-    lm.state = _state_after(lm.state, deltas, scale)
 
 
 # ----------------------------------------------------------------------------- the editor
@@ -539,7 +466,7 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
         keys, cur_z = read_keys(lm, requests, hp.layers, hp.layers[-1], templates)
         for i, layer in enumerate(hp.layers):
             residual = (z.z.to(cur_z.device).double() - cur_z) / (len(hp.layers) - i)
-            layers[layer] = _layer_from(lm, layer, keys[layer], residual, cov[layer])
+            layers[layer] = layer_update(lm, layer, keys[layer], residual, cov[layer])
     else:
         with contextlib.ExitStack() as stack:
             for layer in hp.layers:

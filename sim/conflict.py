@@ -32,7 +32,8 @@ import torch
 from editing.data import (augmented, conflict_pairs, counterfact_conflicts, dataset_options, load_requests,
                           partition, round_prompts)
 from editing.evaluate import evaluate, score_targets
-from editing.memit import applied, edit, z_key
+from editing.memit import edit, z_key
+from editing.update import applied
 from editing.models import cache_dir
 from editing.workspace import open_workspace
 from strategies.merge import collabedit

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from editing.data import load_requests
-from editing.memit import compute_z, fill, read_keys, solve_layer, subject_last_index, target_ids
+from editing.memit import compute_z, fill, read_keys, subject_last_index, target_ids
+from editing.update import solve_layer
 from editing.models import cache_dir, module
 
 from .sweep import md_table, write_csv

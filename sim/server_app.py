@@ -14,7 +14,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from editing.evaluate import summarize
-from editing.memit import applied, edit
+from editing.memit import edit
+from editing.update import applied
 from editing.models import cache_dir, describe, weight
 from editing.workspace import Workspace
 from strategies import payload
