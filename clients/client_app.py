@@ -19,7 +19,7 @@ from editing.evaluate import EvalResult, evaluate, evaluate_cached
 from editing.memit import compute_z, edit, layer_edit
 from editing.update import applied
 from editing.models import cache_dir
-from editing.workspace import Workspace
+from editing.workspace import Workspace, agreement_differences
 from sim.config import RunConfig, base_targets, edited_so_far, run_workspace, split_requests
 from strategies import payload
 
@@ -54,8 +54,10 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"client {pid}: server asked for {wanted}; only {payload.FIELDS} are sent")
     stage = [int(x) for x in str(config["layers"]).split(",")]
     ws = workspace(cfg)
+    _check_agreement(pid, config, ws)
     requests = split_requests(cfg, n)[pid][rnd - 1]
-    past = ({l: torch.from_numpy(f["kkt"]) for l, f in payload.decode(msg.content["past-kkt"]).items()}
+    past = ({l: torch.from_numpy(payload.dense(f)["kkt"])
+             for l, f in payload.decode(msg.content["past-kkt"]).items()}
             if "past-kkt" in msg.content.array_records else None)
     cov = ws.covariance(cfg.beta0, cfg.beta1, past)
     metrics = {"partition-id": pid, "num-edits": len(requests)}
@@ -81,8 +83,19 @@ def train(msg: Message, context: Context) -> Message:
         metrics[f"residual-norm.{l}"] = float(e.residual_norms.mean())
     first = edits[min(edits)]
     metrics["residual-norms"] = [float(x) for x in first.residual_norms]
-    return Message(RecordDict({"payload": payload.encode(fields), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    record = payload.encode(fields, form=cfg.payload, dtype=cfg.payload_dtype)
+    return Message(RecordDict({"payload": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _check_agreement(pid: int, config, ws: Workspace) -> None:
+    """Refuse to edit when my context templates or C0 are not the server's: the merge would not
+    be the one the server computes (CollabEdit = GLOBAL needs the same templates and C)."""
+    mine = ws.agreement()
+    theirs = {k: str(config[k]) for k in mine if k in config}
+    if not theirs:
+        return  # a server that sends nothing to agree on (an older one) is not checked
+    if diff := agreement_differences(mine, theirs):
+        raise ValueError(f"client {pid} refuses to edit: " + "; ".join(diff))
 
 
 def _round_z(context: Context, ws: Workspace, requests, round_key: str) -> torch.Tensor:

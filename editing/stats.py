@@ -2,7 +2,7 @@
 
 All edited layers are measured in ONE forward pass per batch that stops after the last edited
 layer; sums are accumulated in float64 and cached on disk, keyed by model fingerprint, layer,
-sample size, maximum length and the model dtype.
+text source, sample size, maximum length and the model dtype.
 """
 
 from __future__ import annotations
@@ -27,18 +27,36 @@ class StopForward(Exception):
     """Raised by a hook once everything needed is captured: later layers are never run."""
 
 
+HUB_WIKIPEDIA = ("wikimedia/wikipedia", "20231101.en")
+
+
+def _leads_file(data_dir) -> Path | None:
+    data_dir = data_dir or os.environ.get("COLLABEDIT_DATA")
+    path = Path(data_dir) / WIKI_LEADS if data_dir else None
+    return path if path is not None and path.exists() else None
+
+
+def text_source(data_dir: str | Path | None = None) -> str:
+    """Which text `wiki_texts` reads, as a short stable name: the lead sections file (with its
+    size, so two different copies differ) or the hub's Wikipedia. Parties whose C0 came from
+    different text disagree on C, and with it on every merged update."""
+    leads = _leads_file(data_dir)
+    if leads is not None:
+        return f"leads-{leads.stat().st_size}B"
+    return "hub-" + "-".join(HUB_WIKIPEDIA).replace("/", "-")
+
+
 def wiki_texts(sample_size: int, data_dir: str | Path | None = None) -> list[str]:
     """Wikipedia text: the lead sections under the data directory, else `datasets`' wikipedia."""
     data_dir = data_dir or os.environ.get("COLLABEDIT_DATA")
-    if data_dir and (Path(data_dir) / WIKI_LEADS).exists():
+    if _leads_file(data_dir) is not None:
         texts = [t.strip() for t in (Path(data_dir) / WIKI_LEADS).read_text().split("\n\n")]
         texts = [t for t in texts if t]
     else:
         try:
             import datasets
 
-            ds = datasets.load_dataset("wikimedia/wikipedia", "20231101.en", split="train",
-                                       streaming=True)
+            ds = datasets.load_dataset(*HUB_WIKIPEDIA, split="train", streaming=True)
             texts = [row["text"] for _, row in zip(range(sample_size), ds)]
         except Exception as err:  # no internet, no hub
             raise FileNotFoundError(
@@ -50,9 +68,14 @@ def wiki_texts(sample_size: int, data_dir: str | Path | None = None) -> list[str
     return texts[:sample_size]
 
 
-def _cache_path(lm: LoadedModel, layer: int, sample_size: int, max_length: int) -> Path:
-    dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
-    name = f"{lm.spec.rewrite.format(layer)}__n{sample_size}_len{max_length}_{dtype}.safetensors"
+def model_dtype(lm: LoadedModel) -> str:
+    return str(next(lm.model.parameters()).dtype).replace("torch.", "")
+
+
+def _cache_path(lm: LoadedModel, layer: int, sample_size: int, max_length: int,
+                source: str) -> Path:
+    name = (f"{lm.spec.rewrite.format(layer)}__{source}_n{sample_size}_len{max_length}_"
+            f"{model_dtype(lm)}.safetensors")
     return cache_dir() / "stats" / lm.fingerprint / name
 
 
@@ -62,8 +85,9 @@ def second_moments(lm: LoadedModel, layers, *, sample_size: int = 1000, max_leng
     """E[k k^T] (float64, on CPU) of the input of each layer's rewrite module."""
     layers = sorted(layers)
     out, todo = {}, []
+    source = text_source(data_dir)
     for layer in layers:
-        path = _cache_path(lm, layer, sample_size, max_length)
+        path = _cache_path(lm, layer, sample_size, max_length, source)
         if path.exists():
             out[layer] = load_file(path)["second_moment"]
         else:
@@ -74,9 +98,10 @@ def second_moments(lm: LoadedModel, layers, *, sample_size: int = 1000, max_leng
     sums, count = _accumulate(lm, todo, texts, max_length, batch_size, progress)
     for layer in todo:
         out[layer] = sums[layer] / count
-        path = _cache_path(lm, layer, sample_size, max_length)
+        path = _cache_path(lm, layer, sample_size, max_length, source)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"tokens": str(count), "texts": str(len(texts)), "model": lm.name}
+        meta = {"tokens": str(count), "texts": str(len(texts)), "model": lm.name,
+                "source": source}
         save_file({"second_moment": out[layer].contiguous()}, str(path), metadata=meta)
         (path.parent / "info.json").write_text(json.dumps({"model": lm.name}, indent=1))
     return out

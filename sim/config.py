@@ -57,6 +57,13 @@ class RunConfig:
     results_dir: str = ""  # "" = $COLLABEDIT_RESULTS, else ./results/runs (of the ServerApp process)
     run_name: str = ""  # "" = <strategy>-<dataset>-<timestamp>
     fail_clients: str = ""  # testing aid: partition ids whose train raises (robustness drills)
+    # how clients send K K^T, R K^T and Delta (strategies/payload.py): "factored" = exact factors
+    # of rank <= edits, (d_in + d_out) x edits numbers per layer (dense where that is smaller);
+    # "dense" = packed K K^T and full matrices, d_in^2 / 2 + d_out d_in numbers
+    payload: str = "factored"
+    # transport precision: "float32" halves the bytes; the server folds in float64 either way,
+    # and the merge then equals GLOBAL only to float32 rounding (benchmarks/bench_protocol.py)
+    payload_dtype: str = "float64"
 
     @classmethod
     def from_flower(cls, run_config) -> "RunConfig":
@@ -80,7 +87,8 @@ class RunConfig:
             raise ValueError(f"unknown strategy {bad}; choose from {STRATEGIES} or 'all'")
         choices = {"edit_mode": ("sequential", "parallel"), "protocol": ("one-shot", "layerwise"),
                    "partition": ("contiguous", "random"), "z_model": ("current", "base"),
-                   "eval_scope": ("edited", "first")}
+                   "eval_scope": ("edited", "first"), "payload": ("factored", "dense"),
+                   "payload_dtype": ("float64", "float32")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')} must be one of {allowed}, "

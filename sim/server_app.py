@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
+import sys
 import time
 
 import numpy as np
@@ -20,6 +22,7 @@ from editing.models import cache_dir, describe, weight
 from editing.workspace import Workspace
 from strategies import payload
 from strategies.flower import STRATEGIES, EditStrategy, RoundFailed
+from strategies.merge import MergeError
 
 from .config import RunConfig, base_targets, run_workspace, split_requests
 
@@ -61,7 +64,10 @@ def build_strategy(name: str, cfg: RunConfig, ws: Workspace, num_clients: int) -
         layers=layers, shapes={l: tuple(weight(ws.lm.model, ws.lm.spec, l).shape) for l in layers},
         lam_c0=lam_c0, beta0=cfg.beta0, beta1=cfg.beta1, protocol=cfg.protocol,
         min_clients=cfg.min_clients, params=params, summarize=summarize_sums,
-        central_edit=central_editor(cfg, ws, num_clients))
+        central_edit=central_editor(cfg, ws, num_clients), agreement=ws.agreement(),
+        # MEMIT has one key per request; an editor with more keys per request (MALMEN: one per
+        # answer token) leaves the rank unbounded
+        max_rank=cfg.edits_per_client if getattr(cfg, "editor", "memit") == "memit" else None)
 
 
 def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
@@ -98,25 +104,41 @@ def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
         try:
             result = strategy.start(grid, zeros, num_rounds=cfg.num_server_rounds,
                                     timeout=cfg.round_timeout)
-        except RoundFailed as err:  # the reason goes on record before the run stops
+        except (RoundFailed, MergeError) as err:  # the reason goes on record before the run stops
             summary["strategies"][name] = {"error": str(err), "rounds": strategy.history}
             summary["error"] = f"{name}: {err}"
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
             raise
         finals[name] = payload.decode_deltas(result.arrays)
         summary["strategies"][name] = {"private": strategy.private, "seconds": time.perf_counter() - t0,
-                                       "rounds": strategy.history}
+                                       "rounds": strategy.history,
+                                       "bytes_up_per_client": bytes_per_client(strategy.history)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if "collabedit" in finals and "global" in finals:
         # how far the private merge is from editing everything centrally, in the weights
         summary["collabedit_vs_global_rel_diff"] = {
             str(l): float(np.linalg.norm(finals["collabedit"][l] - finals["global"][l]) /
                           max(np.linalg.norm(finals["global"][l]), 1e-300)) for l in ws.hp.layers}
+        summary["collabedit_vs_global_max_rel_diff"] = max(
+            summary["collabedit_vs_global_rel_diff"].values())
+    summary["server_peak_rss_mib"] = peak_rss_mib()
     summary["path"] = str(run_dir / "summary.json")
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("summary written to %s", summary["path"])
     return summary
+
+
+def bytes_per_client(history: list[dict]) -> float:
+    """Bytes one client sent per round, averaged over clients and rounds (0 if none sent)."""
+    per_round = [sum(r["bytes_up"].values()) / len(r["bytes_up"]) for r in history if r["bytes_up"]]
+    return sum(per_round) / len(per_round) if per_round else 0.0
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (the ServerApp's, under `flwr run`)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
 def format_table(summary: dict) -> str:

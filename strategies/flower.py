@@ -1,13 +1,15 @@
 """Flower strategies: thin wrappers that move arrays and call the merge rules in `merge.py`.
 
-Every strategy streams: replies are pulled one at a time, validated, folded into the running sums
-of `merge.py`'s accumulators and dropped, so server memory does not grow with the number of
-clients (Flower's `send_and_receive` would hold every reply at once).
+Every strategy streams: replies are pulled one at a time, decoded once, validated, folded into
+the running sums of `merge.py`'s accumulators and dropped, so server memory does not grow with
+the number of clients (Flower's `send_and_receive` would hold every reply at once).
 
 Message contents (server -> client): "global" (the cumulative merged deltas, "<layer>.delta"),
-"past-kkt" (sum of earlier rounds' K K^T, only with a dynamic covariance) and "config" (round,
-the layers of this exchange, the fields wanted). Client -> server: "payload" ("<layer>.<field>")
-and "metrics".
+"past-kkt" (sum of earlier rounds' K K^T, factored while that is smaller, only with a dynamic
+covariance) and "config" (round, the layers of this exchange, the fields wanted, and what the
+parties must agree on for the merge to be exact: the context templates' hash and the C0
+fingerprint, see editing.workspace.Workspace.agreement). Client -> server: "payload"
+("<layer>.<field>", dense or factored: payload.py) and "metrics".
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from . import payload
-from .merge import PayloadError, dynamic_cov, make_merge, validate_layer_payload, validate_layers
+from .merge import (
+    FACTORED, PayloadError, add_psd, dynamic_cov, make_merge, validate_layer_payload, validate_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,9 @@ class RoundFailed(RuntimeError):
 
 def stream_replies(grid: Grid, messages: list[Message], timeout: float,
                    missing: Callable[[int], None]) -> Iterator[Message]:
-    """Push all messages, then yield replies as they arrive; report nodes that never answered."""
+    """Push all messages, then yield replies as they arrive, pulling ONE at a time (a pull of
+    every pending id would hand over all ready replies at once); report nodes that never
+    answered."""
     pending = {}
     for mid, m in zip(grid.push_messages(messages), messages):
         if mid:
@@ -43,10 +49,12 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float,
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         got = False
-        for reply in grid.pull_messages(list(pending)):
-            pending.pop(reply.metadata.reply_to_message_id, None)
-            got = True
-            yield reply
+        for mid in list(pending):
+            for reply in grid.pull_messages([mid]):
+                pending.pop(reply.metadata.reply_to_message_id, None)
+                got = True
+                yield reply
+                del reply  # folded by the consumer: the next pull must not find it still held
         if not got:
             time.sleep(0.2)
     for node in pending.values():
@@ -64,7 +72,8 @@ class EditStrategy(Strategy):
                  lam_c0: dict[int, np.ndarray] | None = None, beta0: float = 1.0,
                  beta1: float = 0.0, protocol: str = "one-shot", min_clients: int = 1,
                  params: dict | None = None, summarize: Callable[[dict], dict] | None = None,
-                 central_edit: Callable | None = None):
+                 central_edit: Callable | None = None, max_rank: int | None = None,
+                 agreement: dict[str, str] | None = None):
         self.layers, self.shapes = list(layers), shapes
         self.lam_c0 = lam_c0 or {}
         self.beta0, self.beta1 = beta0, beta1
@@ -72,8 +81,14 @@ class EditStrategy(Strategy):
         self.params = params or {}
         self.summarize = summarize or (lambda sums: sums)
         self.central_edit = central_edit
-        self.past_kkt: dict[int, np.ndarray] = {}  # earlier rounds only: C changes between rounds
-        self.round_kkt: dict[int, np.ndarray] = {}
+        # a client's K K^T has rank at most its number of keys: a payload above it is refused
+        self.max_rank = max_rank
+        # sent with every train message; a client whose own differ refuses to edit
+        self.agreement = dict(agreement or {})
+        # add_psd sums ({"kkt-factor": F} or {"kkt": square}); earlier rounds only: C changes
+        # between rounds
+        self.past_kkt: dict[int, dict] = {}
+        self.round_kkt: dict[int, dict] = {}
         self.history: list[dict] = []
         self._record: dict = {}
         self._stage: list[int] = self.layers
@@ -100,31 +115,32 @@ class EditStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**config, "server-round": server_round, "wanted": ",".join(self.wanted),
-                               "layers": ",".join(map(str, self._stage)),
+                               "layers": ",".join(map(str, self._stage)), **self.agreement,
                                # names this round's starting model: layerwise clients keep their z
                                # under it across the round's exchanges
                                "round-key": f"{self.name}-{server_round}"})
         content = {"global": arrays, "config": config}
         if self.beta1 and self.past_kkt:
-            content["past-kkt"] = payload.encode({l: {"kkt": k} for l, k in self.past_kkt.items()})
+            content["past-kkt"] = payload.encode(self.past_kkt)  # as summed: factored if smaller
         return self._to_all(grid, RecordDict(content), MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         merges = {layer: self.merger(layer) for layer in self._stage}
-        expected = {f: self._shape(f, layer) for layer in self._stage for f in self.wanted}
         ok = 0
         for reply in replies:
             client = self._client(reply)
             try:
-                arrays = self._check(reply, client, expected)
+                arrays = self._check(reply, client)
             except (PayloadError, ValueError, KeyError) as err:
                 self._fail(client, str(err))
                 continue
             for layer, fields in arrays.items():
-                merges[layer].add({f: fields[f] for f in self.needs})
-                if "kkt" in fields and self.beta1:
-                    self.round_kkt[layer] = self.round_kkt.get(layer, 0) + fields["kkt"]
+                merges[layer].add({f: v for f, v in fields.items()
+                                   if f in self._fields_of(self.needs)})
+                if self.beta1:
+                    self.round_kkt[layer] = add_psd(self.round_kkt.get(layer), {
+                        f: v for f, v in fields.items() if f in ("kkt", "kkt-factor")})
             del arrays  # the reply's arrays are folded in: nothing of it is kept
             ok += 1
             label = f"client {client}"
@@ -135,7 +151,9 @@ class EditStrategy(Strategy):
         if ok < self.min_clients:
             raise RoundFailed(f"round {server_round}: {ok} client(s) succeeded, fewer than "
                               f"min-clients={self.min_clients}; failures: {self._record['failed']}")
-        merged = {layer: m.result() for layer, m in merges.items()}
+        merged = {}
+        for layer in list(merges):  # one layer's solve at a time, its work arrays freed after it
+            merged[layer] = merges.pop(layer).result()
         return self._add_to_global(self._global, merged), MetricRecord({"clients-ok": ok})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -168,7 +186,7 @@ class EditStrategy(Strategy):
             self._record = {"round": rnd, "bytes_up": {}, "bytes_down": 0, "failed": [],
                             "client_metrics": {}}
             arrays = self.train_round(grid, rnd, arrays, train_config, timeout)
-            self.past_kkt = {l: self.past_kkt.get(l, 0) + k for l, k in self.round_kkt.items()}
+            self.past_kkt = {l: add_psd(self.past_kkt.get(l), k) for l, k in self.round_kkt.items()}
             self.round_kkt = {}
             t1 = time.perf_counter()
             messages = list(self.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(),
@@ -203,10 +221,10 @@ class EditStrategy(Strategy):
         return [Message(content=content, dst_node_id=node, message_type=kind, ttl=self.timeout)
                 for node in grid.get_node_ids()]
 
-    def _shape(self, field: str, layer: int) -> tuple:
-        d_out, d_in = self.shapes[layer]
-        return (d_in * (d_in + 1) // 2,) if field == "kkt" else (
-            (d_out, d_in) if field in ("delta", "rkt") else ())
+    @staticmethod
+    def _fields_of(wanted) -> set[str]:
+        """The wire fields that carry the wanted dense fields, in either form."""
+        return {f for w in wanted for f in (w, *FACTORED[w])}
 
     def _client(self, reply: Message) -> str:
         if reply.has_content() and "metrics" in reply.content.metric_records:
@@ -215,19 +233,21 @@ class EditStrategy(Strategy):
                 return str(int(pid))  # the partition id: "client 3" in every record and message
         return f"on node {reply.metadata.src_node_id}"
 
-    def _check(self, reply: Message, client: str, expected) -> dict[int, dict[str, np.ndarray]]:
-        """Everything about a reply is checked before any of it touches a sum."""
+    def _check(self, reply: Message, client: str) -> dict[int, dict[str, np.ndarray]]:
+        """Everything about a reply is checked before any of it touches a sum; its arrays are
+        decoded once, as sent (packed / factored), and folded in that form."""
         if reply.has_error():
             raise ValueError(f"client {client} failed: {reply.error.reason}")
         for part in ("payload", "metrics"):
             if part not in reply.content:
                 raise ValueError(f"client {client}: reply has no {part!r} record")
-        packed = payload.decode(reply.content["payload"], unpack=False)
-        validate_layers([str(l) for l in packed], [str(l) for l in self._stage], client)
-        for layer, fields in packed.items():
-            validate_layer_payload(fields, expected={f: self._shape(f, layer) for f in self.wanted},
-                                   client=client, layer=str(layer))
-        return payload.decode(reply.content["payload"])
+        arrays = payload.decode(reply.content["payload"])
+        validate_layers([str(l) for l in arrays], [str(l) for l in self._stage], client)
+        for layer, fields in arrays.items():
+            d_out, d_in = self.shapes[layer]
+            validate_layer_payload(fields, wanted=self.wanted, d_out=d_out, d_in=d_in,
+                                   client=client, layer=str(layer), max_rank=self.max_rank)
+        return arrays
 
     def _fail(self, client, reason: str) -> None:
         client = f"client {client}" if isinstance(client, str) else f"client on node {client}"
@@ -289,7 +309,7 @@ class GlobalStrategy(EditStrategy):
         cov = {layer: self.covariance(layer) for layer in self.layers}
         deltas, kkt = self.central_edit(rnd, payload.decode_deltas(arrays), cov)
         if self.beta1:
-            self.round_kkt = kkt
+            self.round_kkt = {l: add_psd(None, k) for l, k in kkt.items()}
         return self._add_to_global(arrays, deltas)
 
 

@@ -51,9 +51,10 @@ def test_layerwise_sequential_collabedit_equals_sequential_global(tiny, tmp_path
     assert one_shot["collabedit_vs_global_rel_diff"]["1"] <= 1e-8  # first layer: same model
 
 
-def test_baselines_equal_their_formulas_on_client_deltas(tiny, tmp_path):
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_baselines_equal_their_formulas_on_client_deltas(tiny, tmp_path, form):
     summary, grid = run(tmp_path, strategy="simple-average,task-arithmetic,ties",
-                        **{"ta-lambda": 0.7})
+                        **{"ta-lambda": 0.7, "payload": form})
     cfg = RunConfig.from_flower(run_config(tmp_path))
     cov = tiny.covariance()
     deltas = [edit(tiny.lm, split_requests(cfg, 4)[i][0], tiny.hp, cov, mode="parallel",
@@ -63,7 +64,7 @@ def test_baselines_equal_their_formulas_on_client_deltas(tiny, tmp_path):
     for reply in grid.received:
         if "payload" in reply.content:
             got = payload.decode(reply.content["payload"])
-            assert set(got[1]) == {"delta"}
+            assert set(got[1]) == ({"delta"} if form == "dense" else {"delta-left", "delta-right"})
     for layer in (1, 2):
         ds = [d[layer].numpy() for d in deltas]
         results[layer] = {"simple-average": np.mean(ds, axis=0), "task-arithmetic": 0.7 * np.sum(ds, 0),
@@ -105,7 +106,7 @@ class FaultyGrid(InProcessGrid):
 
 def test_bad_clients_are_left_out_and_reported(tiny, tmp_path):
     summary, _ = run(tmp_path, clients=6, grid_cls=FaultyGrid, strategy="collabedit",
-                     **{"fail-clients": "4", "edits-per-client": 1})
+                     **{"fail-clients": "4", "edits-per-client": 1, "payload": "dense"})
     # FACTS has 8 requests: 6 clients x 1 edit
     failed = summary["strategies"]["collabedit"]["rounds"][0]["failed"]
     reasons = {f["client"]: f["reason"] for f in failed}
@@ -113,7 +114,7 @@ def test_bad_clients_are_left_out_and_reported(tiny, tmp_path):
     assert "finite" in reasons["client 1"] or "NaN" in reasons["client 1"]
     assert "shape" in reasons["client 2"]
     assert "semi-definite" in reasons["client 3"]
-    assert "shape" in reasons["client 5"]
+    assert "symmetric" in reasons["client 5"]
     assert any("failure drill" in r for r in reasons.values())  # client 4 raised
     rnd = summary["strategies"]["collabedit"]["rounds"][0]
     assert list(rnd["bytes_up"]) == ["client 0"]  # only the good reply was merged
@@ -137,9 +138,10 @@ def test_server_never_sees_keys_or_request_text(tiny, tmp_path):
         for name, rec in reply.content.array_records.items():
             for key, arr in rec.items():
                 field = key.split(".")[1]
-                assert field in ("rkt", "kkt"), key  # never keys, residuals or z
+                # never keys, residuals or z: K K^T and R K^T, here as their factors
+                assert field in ("rkt-factor", "kkt-factor"), key
                 shape = tuple(arr.shape)
-                assert shape in ((d_out, d_in), (d_in * (d_in + 1) // 2,)), (key, shape)
+                assert shape in ((d_out, 2), (d_in, 2)), (key, shape)  # 2 edits: rank 2
         for rec in reply.content.metric_records.values():
             for k, v in rec.items():
                 assert not isinstance(v, str)
@@ -148,7 +150,8 @@ def test_server_never_sees_keys_or_request_text(tiny, tmp_path):
 
 
 def test_summary_json_records_config_metrics_bytes(tiny, tmp_path):
-    summary, _ = run(tmp_path, strategy="unedited,collabedit,simple-average")
+    summary, _ = run(tmp_path, strategy="unedited,collabedit,simple-average",
+                     **{"payload": "dense"})
     data = json.loads(open(summary["path"]).read())
     assert data["config"]["strategy"] == "unedited,collabedit,simple-average"
     for name in ("unedited", "collabedit", "simple-average"):
@@ -163,6 +166,11 @@ def test_summary_json_records_config_metrics_bytes(tiny, tmp_path):
     average = data["strategies"]["simple-average"]["rounds"][0]["bytes_up"]["client 0"]
     assert 2 * 8 * d_out * d_in <= average <= 2 * 8 * d_out * d_in + 2 * 256
     assert data["strategies"]["unedited"]["rounds"][0]["bytes_up"] == {}
+    assert data["strategies"]["collabedit"]["bytes_up_per_client"] == collab
+    assert data["server_peak_rss_mib"] > 0
+    factored, _ = run(tmp_path, strategy="collabedit")  # the default: 2 edits -> rank 2 factors
+    up = factored["strategies"]["collabedit"]["bytes_up_per_client"]
+    assert 2 * 8 * 2 * (d_in + d_out) <= up <= 2 * 8 * 2 * (d_in + d_out) + 4 * 256
     table = server_app.format_table(summary)
     assert "collabedit" in table and "unedited" in table and "Score" in table
 

@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
+from strategies import payload
 from strategies.merge import (
     MERGES, CollabEdit, MergeError, PayloadError, SimpleAverage, TaskArithmetic, Ties, collabedit,
     dynamic_cov, make_merge, merge, pack_symmetric, simple_average, task_arithmetic, ties,
@@ -261,18 +262,22 @@ def good_payload(rng, packed=False):
     return {"rkt": rng.standard_normal((D_OUT, D_IN)), "kkt": pack_symmetric(kkt) if packed else kkt}
 
 
-EXPECTED = {"rkt": (D_OUT, D_IN), "kkt": (D_IN, D_IN)}
-
-
-def check(payload, expected=EXPECTED):
-    validate_layer_payload(payload, expected=expected, client="client-7", layer="layers.4")
+def check(payload, wanted=("rkt", "kkt"), max_rank=None):
+    validate_layer_payload(payload, wanted=wanted, d_out=D_OUT, d_in=D_IN, client="client-7",
+                           layer="layers.4", max_rank=max_rank)
 
 
 def test_validation_accepts_good_payloads():
     rng = np.random.default_rng(7)
     check(good_payload(rng))
     check({k: v.astype(np.float32) for k, v in good_payload(rng).items()})
-    check(good_payload(rng, packed=True), {"rkt": (D_OUT, D_IN), "kkt": (D_IN * (D_IN + 1) // 2,)})
+    check(good_payload(rng, packed=True))
+    check(good_payload(rng, packed=True), max_rank=3)  # the randomized low-rank PSD test
+    factored = payload.factor_layer(good_payload(rng))
+    assert set(factored) == {"kkt-factor", "rkt-factor"}
+    check(factored, max_rank=3)
+    check({k: v.astype(np.float32) for k, v in factored.items()}, max_rank=3)
+    check(payload.factor_layer({"delta": good_payload(rng)["rkt"]}), wanted=("delta",))
 
 
 def _bad_cases():
@@ -285,6 +290,10 @@ def _bad_cases():
     nan[0, 0] = np.nan
     inf = p["rkt"].copy()
     inf[1, 2] = np.inf
+    f = payload.factor_layer(p)  # rank 3
+    f_nan = f["kkt-factor"].copy()
+    f_nan[2, 1] = np.nan
+    wide = np.concatenate([f["kkt-factor"], rng.standard_normal((D_IN, D_IN))], axis=1)
     return {
         "missing": ({"kkt": p["kkt"]}, "rkt", "missing"),
         "unknown": ({**p, "delta": p["rkt"]}, "delta", "unknown"),
@@ -295,22 +304,47 @@ def _bad_cases():
         "inf": ({**p, "rkt": inf}, "rkt", "Inf"),
         "asymmetric": ({**p, "kkt": asym}, "kkt", "symmetric"),
         "not psd": ({**p, "kkt": not_psd}, "kkt", "semi-definite"),
+        "dense and factored": ({**p, "kkt-factor": f["kkt-factor"]}, "kkt", "both"),
+        "factor nan": ({**f, "kkt-factor": f_nan}, "kkt-factor", "NaN"),
+        "factor rows": ({**f, "kkt-factor": f["kkt-factor"][:-1]}, "kkt-factor", "rows"),
+        "factor ranks differ": ({**f, "rkt-factor": f["rkt-factor"][:, :2]}, "rkt-factor", "rank"),
+        "factor rank above dimension": ({"kkt-factor": wide, "rkt-factor": rng.standard_normal(
+            (D_OUT, wide.shape[1]))}, "kkt-factor", "rank"),
+        "rkt-factor alone": ({"kkt": p["kkt"], "rkt-factor": f["rkt-factor"]}, "rkt-factor",
+                             "needs kkt-factor"),
     }
 
 
 @pytest.mark.parametrize("case", sorted(_bad_cases()))
 def test_validation_rejects_bad_payload(case):
-    payload, field, why = _bad_cases()[case]
+    bad, field, why = _bad_cases()[case]
     with pytest.raises(PayloadError) as err:
-        check(payload)
+        check(bad)
     msg = str(err.value)
     assert "client-7" in msg and "layers.4" in msg and repr(field) in msg and why in msg
 
 
+def test_validation_rejects_rank_above_the_number_of_keys():
+    rng = np.random.default_rng(10)
+    p = good_payload(rng)  # 3 keys
+    with pytest.raises(PayloadError, match="'kkt-factor'.*rank 3 > 2"):
+        check(payload.factor_layer(p), max_rank=2)
+    check(p, max_rank=3)
+    # dense: the randomized range test, once the bound leaves room for it (k + 8 <= d / 2)
+    k = rng.standard_normal((64, 3))
+    dense = {"kkt": pack_symmetric(k @ k.T)}
+    kw = dict(wanted=("kkt",), d_out=D_OUT, d_in=64, client="client-7", layer="layers.4")
+    validate_layer_payload(dense, max_rank=3, **kw)
+    with pytest.raises(PayloadError, match="'kkt'.*rank above 2"):
+        validate_layer_payload(dense, max_rank=2, **kw)
+
+
 def test_validation_rejects_packed_not_psd():
-    expected = {"kkt": (3 * 4 // 2,)}
-    with pytest.raises(PayloadError, match="client-7.*'kkt'.*semi-definite"):
-        check({"kkt": pack_symmetric(-np.eye(3))}, expected)
+    for max_rank in (None, 1):  # shifted Cholesky, or the randomized range test
+        with pytest.raises(PayloadError, match="client-7.*'kkt'.*semi-definite"):
+            validate_layer_payload({"kkt": pack_symmetric(np.diag([1.0, 1.0, -1.0] + [0.0] * 9))},
+                                   wanted=("kkt",), d_out=D_OUT, d_in=D_IN, client="client-7",
+                                   layer="layers.4", max_rank=max_rank)
 
 
 def test_validate_layers():
