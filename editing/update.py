@@ -53,7 +53,7 @@ def solve_layer(keys: torch.Tensor, residual: torch.Tensor, cov: torch.Tensor, *
     if int(info) != 0:
         raise SolveError(f"{name}: C + K K^T is not positive definite (Cholesky failed at column "
                          f"{int(info)}); raise the covariance weight or the covariance sample size")
-    diag = factor.diagonal()
+    diag = factor.detach().diagonal()  # a guard, not part of the (differentiable) solve
     cond = float((diag.max() / diag.min()) ** 2)
     if not cond <= max_cond:
         raise SolveError(f"{name}: C + K K^T is badly conditioned (condition >= {cond:.3g} > "
