@@ -269,7 +269,9 @@ class CollabEditStrategy(EditStrategy):
     needs = ("rkt", "kkt")
 
     def merger(self, layer: int):
-        return make_merge(self.name, cov=self.covariance(layer), name=f"layer {layer}")
+        # covariance() builds a fresh C for this merge alone: it becomes the merge's work array
+        return make_merge(self.name, cov=self.covariance(layer), name=f"layer {layer}",
+                          overwrite_cov=True)
 
 
 class SimpleAverageStrategy(EditStrategy):

@@ -194,17 +194,21 @@ class CollabEdit(Merge):
     order, lower triangle valid: syrk writes only that one) and `rhs` = (sum_i R_i K_i^T)^T;
     factors are folded in place by BLAS (no d_in x d_in temporary). `result` factors `system`
     once (Cholesky, in place): that factorisation is the solve and the conditioning check.
-    `cov` is read, never copied or written.
+    `cov` is copied into `system` at the first payload, or, with `overwrite_cov=True` (the
+    caller hands over a fresh C it will not use again), becomes it: one d_in x d_in array less.
     """
 
     needs = ("rkt", "kkt")
 
-    def __init__(self, cov: np.ndarray, *, name: str | None = None, max_cond: float = 1e12):
+    def __init__(self, cov: np.ndarray, *, name: str | None = None, max_cond: float = 1e12,
+                 overwrite_cov: bool = False):
         super().__init__(name)
         self.cov = np.asarray(cov, dtype=np.float64)
         if self.cov.ndim != 2 or self.cov.shape[0] != self.cov.shape[1]:
             raise ValueError(f"cov must be square, got shape {self.cov.shape}")
         self.max_cond = max_cond
+        self.overwrite_cov = overwrite_cov
+        self.dim = self.cov.shape[0]
         self.system: np.ndarray | None = None  # allocated at the first payload
         self.rhs: np.ndarray | None = None
         self._merged: np.ndarray | None = None
@@ -213,12 +217,12 @@ class CollabEdit(Merge):
         raise ValueError(f"layer {self.name!r}: {why}")
 
     def _add(self, payload):
-        d = self.cov.shape[0]
+        d = self.dim
         if self._merged is not None:
             self._fail("payload added after the result was taken")
         factor = square = None
         if "kkt-factor" in payload:
-            factor = np.asfortranarray(payload["kkt-factor"], dtype=np.float64)
+            factor = np.asarray(payload["kkt-factor"], dtype=np.float64)
             if factor.ndim != 2 or factor.shape[0] != d:
                 self._fail(f"kkt-factor shape {factor.shape} != ({d}, r)")
         elif "kkt" in payload:
@@ -226,8 +230,8 @@ class CollabEdit(Merge):
             if kkt.ndim == 1:
                 if kkt.shape[0] != d * (d + 1) // 2:
                     self._fail(f"packed kkt length {kkt.shape[0]} != {d * (d + 1) // 2}")
-            elif kkt.shape != self.cov.shape:
-                self._fail(f"kkt shape {kkt.shape} != cov shape {self.cov.shape}")
+            elif kkt.shape != (d, d):
+                self._fail(f"kkt shape {kkt.shape} != cov shape {(d, d)}")
             square = kkt
         else:
             raise KeyError(f"layer {self.name!r}: CollabEdit needs 'kkt' or 'kkt-factor'")
@@ -235,13 +239,15 @@ class CollabEdit(Merge):
         if "rkt-factor" in payload:
             if factor is None:
                 self._fail("rkt-factor needs kkt-factor (R K^T = G F^T)")
-            g = np.asfortranarray(payload["rkt-factor"], dtype=np.float64)
+            g = np.asarray(payload["rkt-factor"], dtype=np.float64)
             if g.ndim != 2 or g.shape[1] != factor.shape[1]:
                 self._fail(f"rkt-factor shape {g.shape} does not match kkt-factor {factor.shape}")
             rkt_t, rkt_factor = None, g
         elif "rkt" in payload:
             rkt_t, rkt_factor = np.asarray(payload["rkt"], dtype=np.float64).T, None
         elif "delta" in payload or "delta-left" in payload:
+            if self.overwrite_cov:
+                self._fail("a delta payload needs C itself, which overwrite_cov=True gives away")
             delta_t = delta_dense(payload).T
             s_delta = (factor @ (factor.T @ delta_t) if factor is not None
                        else _square_kkt(square).astype(np.float64) @ delta_t)
@@ -255,10 +261,17 @@ class CollabEdit(Merge):
                        f"columns; expected {d} columns"
                        + ("" if self.rhs is None else f" and {self.rhs.shape[1]} rows"))
         if self.system is None:
-            self.system = np.array(self.cov, dtype=np.float64, order="F", copy=True)
+            # C is symmetric: the transpose of a C-ordered C is a Fortran-ordered C (no reorder)
+            src = self.cov.T if self.cov.flags.c_contiguous else self.cov
+            self.system = np.asfortranarray(src) if self.overwrite_cov else np.array(
+                src, order="F", copy=True)
+            self.cov = None if self.overwrite_cov else self.cov
             self.rhs = np.zeros((d, d_out), order="F")
         if factor is not None:
-            blas.dsyrk(1.0, factor, beta=1.0, c=self.system, lower=1, overwrite_c=1)
+            # BLAS wants Fortran order: a C-ordered F is a Fortran-ordered F^T, so pass that and
+            # transpose in BLAS instead of copying F
+            a, trans = (factor.T, 1) if factor.flags.c_contiguous else (factor, 0)
+            blas.dsyrk(1.0, a, beta=1.0, c=self.system, trans=trans, lower=1, overwrite_c=1)
         elif square.ndim == 1:  # packed row i = S[i, i:] = column i of the lower triangle
             off = 0
             for i in range(d):
@@ -266,8 +279,10 @@ class CollabEdit(Merge):
                 off += d - i
         else:
             self.system += square
-        if rkt_factor is not None:
-            blas.dgemm(1.0, factor, rkt_factor, beta=1.0, c=self.rhs, trans_b=1, overwrite_c=1)
+        if rkt_factor is not None:  # rhs += F G^T
+            a, ta = (factor.T, 1) if factor.flags.c_contiguous else (factor, 0)
+            b, tb = (rkt_factor.T, 0) if rkt_factor.flags.c_contiguous else (rkt_factor, 1)
+            blas.dgemm(1.0, a, b, beta=1.0, c=self.rhs, trans_a=ta, trans_b=tb, overwrite_c=1)
         else:
             self.rhs += rkt_t
 
