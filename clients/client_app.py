@@ -1,7 +1,7 @@
 """The editing party: a thin Flower ClientApp around `editing/`.
 
 train: take my partition's requests for this round, put the current global edits on my copy of the
-model, run MEMIT, reply with exactly the fields the server asked for (never keys or request text).
+model, run MEMIT (or MALMEN, run config `editor`), reply with exactly the fields the server asked for (never keys or request text).
 evaluate: score the global model on my own requests edited so far; reply with sums and counts so
 the server can form exact global means without seeing a request.
 """
@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from editing.evaluate import EvalResult, evaluate, evaluate_cached
+from editing import malmen
 from editing.memit import compute_z, edit, layer_edit
 from editing.update import applied
 from editing.models import cache_dir
@@ -63,7 +64,12 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"partition-id": pid, "num-edits": len(requests)}
     z_base = base_targets(cfg, ws, requests)
     with applied(ws.lm, _global_deltas(msg)):
-        if tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
+        if cfg.editor == "malmen":  # every layer's keys from one pass: always one exchange
+            result = malmen.edit(ws.lm, requests, ws.net, cov)
+            edits = result.layers
+            with applied(ws.lm, result.deltas):
+                metrics["local-es"] = _rewrite_success(ws, requests)
+        elif tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
             result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates,
                           z_cache=cache_dir() / "z", z=z_base)
             edits = result.layers
@@ -81,8 +87,9 @@ def train(msg: Message, context: Context) -> Message:
     fields = {l: {f: getattr(e, f).numpy() for f in wanted} for l, e in edits.items()}
     for l, e in edits.items():
         metrics[f"residual-norm.{l}"] = float(e.residual_norms.mean())
-    first = edits[min(edits)]
-    metrics["residual-norms"] = [float(x) for x in first.residual_norms]
+    if cfg.editor == "memit":  # per request; MALMEN's rows are answer tokens, not requests
+        first = edits[min(edits)]
+        metrics["residual-norms"] = [float(x) for x in first.residual_norms]
     record = payload.encode(fields, form=cfg.payload, dtype=cfg.payload_dtype)
     return Message(RecordDict({"payload": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

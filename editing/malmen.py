@@ -310,6 +310,40 @@ def edit(lm: LoadedModel, requests: list[EditRequest], net: MalmenNet,
                       seconds={"keys": t1 - t0, "layers": time.perf_counter() - t1})
 
 
+@dataclass
+class MalmenWorkspace:
+    """What a party editing with MALMEN keeps per process: the model, the hyper-parameters and the
+    trained network (the counterpart of editing.workspace.Workspace for MEMIT)."""
+
+    lm: LoadedModel
+    hp: MalmenHparams
+    net: MalmenNet
+
+    def base_covariance(self) -> dict[int, torch.Tensor]:
+        return default_covariance(self.net)
+
+    def covariance(self, beta0: float = 1.0, beta1: float = 0.0, past_kkt=None
+                   ) -> dict[int, torch.Tensor]:
+        """C per layer: beta0 * e^lam I + beta1 * sum of earlier rounds' K K^T (the dynamic
+        covariance of ALGORITHMS.md section 4 with MALMEN's regulariser in place of lam C0)."""
+        cov = {l: beta0 * c for l, c in self.base_covariance().items()}
+        if past_kkt and beta1:
+            cov = {l: c + beta1 * past_kkt[l].to(c.dtype) for l, c in cov.items()}
+        return cov
+
+    def agreement(self) -> dict[str, str]:
+        """Every party must edit with the same network (it fixes the shifts and C = e^lam I):
+        its fingerprint travels where MEMIT's C0 fingerprint does."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.net.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        what = {"editor": "malmen", "model": self.lm.fingerprint, "layers": list(self.net.layers),
+                "network": h.hexdigest()[:16]}
+        return {"templates-sha256": "none (MALMEN has no context templates)",
+                "c0-fingerprint": json.dumps(what, sort_keys=True)}
+
+
 # ----------------------------------------------------------------------------- the meta-loss
 
 @dataclass
@@ -455,7 +489,7 @@ def load_net(path: Path, device=None) -> tuple[MalmenNet, MalmenHparams, dict]:
     return net.to(device or "cpu"), hp, blob["meta"]
 
 
-__all__ = ["MalmenHparams", "MalmenNet", "MALMEN_PRESETS", "malmen_preset", "keys_and_grads",
+__all__ = ["MalmenHparams", "MalmenNet", "MalmenWorkspace", "MALMEN_PRESETS", "malmen_preset", "keys_and_grads",
            "edit", "default_covariance", "meta_batch", "meta_loss", "meta_step_grads",
            "predict_deltas", "net_key", "net_dir", "new_net", "save_net", "load_net",
            "records_digest", "token_batch"]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, EditRequest, load_requests, resolve_dataset
 from .evaluate import EvalResult, evaluate
-from .malmen import (MalmenHparams, MalmenNet, edit, keys_and_grads, load_net, malmen_preset,
+from .malmen import (MalmenHparams, MalmenNet, MalmenWorkspace, edit, keys_and_grads, load_net, malmen_preset,
                      meta_batch, meta_loss, meta_step_grads, net_dir, net_key, new_net,
                      records_digest, save_net, training_pairs)
 from .models import LoadedModel, describe, load_model
@@ -247,6 +247,24 @@ def get_trained(lm: LoadedModel, hp: MalmenHparams | None = None, records=None, 
     save_net(net, hp, path, meta)
     path.with_suffix(".ckpt").unlink(missing_ok=True)
     return net.to(lm.device), meta
+
+
+_OPEN: dict[tuple, MalmenWorkspace] = {}
+
+
+def open_malmen_workspace(model: str = "smollm2", *, dtype: str = "float32", device: str = "",
+                          layers=None, train_if_missing: bool = False) -> MalmenWorkspace:
+    """The model and its trained MALMEN network, opened once per process (as
+    editing.workspace.open_workspace for MEMIT). A network not in the cache raises, naming the
+    command that trains it, unless `train_if_missing`."""
+    key = (model, dtype, device, str(layers))
+    if key not in _OPEN:
+        lm = load_model(model, device=device or None, dtype=dtype)
+        hp = malmen_preset(lm).with_overrides(layers=layers or None)
+        net, _ = get_trained(lm, hp, train_if_missing=train_if_missing)
+        net = net.to(lm.device)
+        _OPEN[key] = MalmenWorkspace(lm=lm, hp=hp, net=net)
+    return _OPEN[key]
 
 
 def main(argv=None) -> dict:

@@ -13,6 +13,8 @@ from pathlib import Path
 from editing.data import EditRequest, chunks, dataset_options, load_requests, partition
 from editing.memit import compute_z
 from editing.models import cache_dir
+from editing.malmen import MalmenWorkspace
+from editing.train_malmen import open_malmen_workspace
 from editing.workspace import Workspace, open_workspace
 
 STRATEGIES = ("unedited", "global", "collabedit", "simple-average", "task-arithmetic", "ties")
@@ -31,6 +33,12 @@ class RunConfig:
     partition: str = "contiguous"  # or "random" (seeded)
     edits_per_client: int = 4  # per client and round
     num_server_rounds: int = 1
+    # the party's editor: "memit" (z optimisation + least squares against lam C0) or "malmen"
+    # (a meta-trained hypernetwork, C = e^lam I; train it first with python -m editing.train_malmen;
+    # all its keys come from one pass, so one round of CollabEdit equals GLOBAL exactly).
+    # With "malmen", `layers` picks the network's layers and the MEMIT-only keys (edit-mode,
+    # z-model, mom2-update-weight, v-num-grad-steps, cov-*) play no part.
+    editor: str = "memit"
     edit_mode: str = "parallel"  # "sequential" (reference MEMIT) | "parallel" (official CollabEdit)
     protocol: str = "one-shot"  # or "layerwise": one exchange per edited layer
     # where z is optimised: "current" = on the global model of the round (reference MEMIT);
@@ -85,8 +93,8 @@ class RunConfig:
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"unknown strategy {bad}; choose from {STRATEGIES} or 'all'")
-        choices = {"edit_mode": ("sequential", "parallel"), "protocol": ("one-shot", "layerwise"),
-                   "partition": ("contiguous", "random"), "z_model": ("current", "base"),
+        choices = {"editor": ("memit", "malmen"), "edit_mode": ("sequential", "parallel"),
+                   "protocol": ("one-shot", "layerwise"), "partition": ("contiguous", "random"), "z_model": ("current", "base"),
                    "eval_scope": ("edited", "first"), "payload": ("factored", "dense"),
                    "payload_dtype": ("float64", "float32")}
         for key, allowed in choices.items():
@@ -98,6 +106,9 @@ class RunConfig:
         if self.protocol == "layerwise" and self.edit_mode != "sequential":
             raise ValueError('protocol="layerwise" exists to make sequential MEMIT exact; with '
                              'edit-mode="parallel" one-shot is already exact: use protocol="one-shot"')
+        if self.editor == "malmen" and (self.protocol != "one-shot" or self.z_model != "current"):
+            raise ValueError('editor="malmen" reads every layer\'s keys in one pass and has no z: '
+                             'use protocol="one-shot" and z-model="current"')
         if not 0 <= self.repeat_fraction <= 1:
             raise ValueError(f"repeat-fraction must be in [0, 1], got {self.repeat_fraction}")
         if not 0 < self.ties_density <= 1:
@@ -187,14 +198,20 @@ def base_targets(cfg: RunConfig, ws: Workspace, requests, progress: bool = False
     """z-model="base": the requests' z optimised on the unedited model (call it before the global
     edits go on; cached, so every round and every party reuses them). None: optimise on the
     current model, as reference MEMIT does."""
-    if cfg.z_model != "base":
+    if cfg.z_model != "base" or cfg.editor != "memit":
         return None
     return compute_z(ws.lm, requests, ws.hp, ws.templates, progress=progress,
                      cache=cache_dir() / "z")
 
 
-def run_workspace(cfg: RunConfig, progress: bool = True) -> Workspace:
-    """The model and MEMIT state a run config names (opened once per process)."""
+def run_workspace(cfg: RunConfig, progress: bool = True) -> Workspace | MalmenWorkspace:
+    """The model and editor state a run config names (opened once per process): MEMIT's
+    settings and second moments, or MALMEN's trained network."""
+    if cfg.editor == "malmen":
+        if cfg.data_dir:
+            os.environ["COLLABEDIT_DATA"] = cfg.data_dir  # the training records' location
+        return open_malmen_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                     layers=cfg.layers or None)
     return open_workspace(cfg.model, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers,
                           mom2_update_weight=cfg.mom2_update_weight,
                           v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,

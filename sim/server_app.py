@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from editing.evaluate import summarize
+from editing import malmen
 from editing.memit import edit
 from editing.update import applied
 from editing.models import cache_dir, describe, weight
@@ -59,7 +60,10 @@ def build_strategy(name: str, cfg: RunConfig, ws: Workspace, num_clients: int) -
     layers = list(ws.hp.layers)
     params = {"task-arithmetic": {"lam": cfg.ta_lambda},
               "ties": {"density": cfg.ties_density, "lam": cfg.ties_lambda}}.get(name, {})
-    lam_c0 = {l: (ws.hp.mom2_update_weight * ws.second_moments[l]).numpy() for l in layers}
+    if cfg.editor == "malmen":  # C = e^lam I, learned per layer with the network
+        lam_c0 = {l: c.numpy() for l, c in ws.base_covariance().items()}
+    else:
+        lam_c0 = {l: (ws.hp.mom2_update_weight * ws.second_moments[l]).numpy() for l in layers}
     return STRATEGIES[name](
         layers=layers, shapes={l: tuple(weight(ws.lm.model, ws.lm.spec, l).shape) for l in layers},
         lam_c0=lam_c0, beta0=cfg.beta0, beta1=cfg.beta1, protocol=cfg.protocol,
@@ -77,6 +81,12 @@ def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
         this_round = [r for part in split_requests(cfg, num_clients) for r in part[rnd - 1]]
         current = {l: torch.from_numpy(d) for l, d in global_deltas.items()}
         z_base = base_targets(cfg, ws, this_round, progress=True)
+        if cfg.editor == "malmen":
+            with applied(ws.lm, current):
+                result = malmen.edit(ws.lm, this_round, ws.net,
+                                     {l: torch.from_numpy(c) for l, c in cov.items()}, progress=True)
+            return ({l: e.delta.numpy() for l, e in result.layers.items()},
+                    {l: e.kkt.numpy() for l, e in result.layers.items()})
         with applied(ws.lm, current):
             result = edit(ws.lm, this_round, ws.hp, {l: torch.from_numpy(c) for l, c in cov.items()},
                           mode=cfg.edit_mode, templates=ws.templates, progress=True,
@@ -96,7 +106,8 @@ def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
     zeros = payload.encode_deltas({l: np.zeros(tuple(weight(ws.lm.model, ws.lm.spec, l).shape))
                                    for l in ws.hp.layers})
     summary = {"config": cfg.to_dict(), "model": describe(ws.lm), "num_clients": num_clients,
-               "hparams": {k: v for k, v in vars(ws.hp).items()}, "strategies": {}}
+               "editor": cfg.editor, "hparams": {k: v for k, v in vars(ws.hp).items()},
+               "strategies": {}}
     finals = {}
     for name in cfg.strategies:
         strategy = build_strategy(name, cfg, ws, num_clients)
@@ -157,8 +168,9 @@ def format_table(summary: dict) -> str:
         not (isinstance(r[i], float) and math.isnan(r[i])) for r in rows)]
     cfg = summary["config"]
     lines = [f"{summary['model']['name']} | {cfg['dataset']} | {summary['num_clients']} clients x "
-             f"{cfg['edits-per-client']} edits x {cfg['num-server-rounds']} round(s) | "
-             f"{cfg['edit-mode']} MEMIT, {cfg['protocol']}",
+             f"{cfg['edits-per-client']} edits x {cfg['num-server-rounds']} round(s) | " +
+             (f"{cfg['edit-mode']} MEMIT, {cfg['protocol']}" if cfg.get("editor", "memit") == "memit"
+              else f"MALMEN, {cfg['protocol']}"),
              "  ".join(f"{cols[i]:>24}" if i == 0 else f"{cols[i]:>8}" for i in keep)]
     for r in rows:
         lines.append("  ".join(f"{r[i]:>24}" if i == 0 else (f"{r[i]:>8.2f}" if isinstance(
