@@ -71,7 +71,7 @@ def build_strategy(name: str, cfg: RunConfig, ws: Workspace, num_clients: int) -
         central_edit=central_editor(cfg, ws, num_clients), agreement=ws.agreement(),
         # MEMIT has one key per request; an editor with more keys per request (MALMEN: one per
         # answer token) leaves the rank unbounded
-        max_rank=cfg.edits_per_client if getattr(cfg, "editor", "memit") == "memit" else None)
+        max_rank=cfg.edits_per_client if cfg.editor == "memit" else None)
 
 
 def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
