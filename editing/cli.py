@@ -2,6 +2,7 @@
 metrics and timings as JSON.
 
     python -m editing.cli --model smollm2 --dataset counterfact --n 100 --out edit.json
+    python -m editing.cli --editor malmen --dataset zsre --n 100   # after editing.train_malmen
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 
 from .data import dataset_options, load_requests
 from .evaluate import evaluate, evaluate_cached
+from . import malmen
 from .memit import edit
+from .train_malmen import open_malmen_workspace
 from .update import applied
 from .models import cache_dir, describe
 from .workspace import open_workspace
@@ -24,7 +27,14 @@ from .workspace import open_workspace
 
 def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32, offset=0,
              mode="sequential", layers=None, mom2_update_weight=0.0, v_num_grad_steps=0,
-             cov_samples=1000, dtype="float32", device="", batch_size=32, seed=0) -> dict:
+             cov_samples=1000, dtype="float32", device="", batch_size=32, seed=0,
+             editor="memit") -> dict:
+    if editor == "malmen":
+        return run_malmen_edit(model=model, dataset=dataset, dataset_path=dataset_path, n=n,
+                               offset=offset, layers=layers, dtype=dtype, device=device,
+                               batch_size=batch_size, seed=seed)
+    if editor != "memit":
+        raise ValueError(f"editor must be 'memit' or 'malmen', got {editor!r}")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     ws = open_workspace(model, dtype=dtype, device=device, layers=layers,
@@ -56,6 +66,37 @@ def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32,
     }
 
 
+def run_malmen_edit(*, model, dataset, dataset_path, n, offset, layers, dtype, device, batch_size,
+                    seed) -> dict:
+    """The same report with MALMEN: the trained network from the user cache (train it first with
+    `python -m editing.train_malmen`), no z and no covariance statistics."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    ws = open_malmen_workspace(model, dtype=dtype, device=device, layers=layers)
+    requests = load_requests(dataset, dataset_path, limit=n, offset=offset,
+                             **dataset_options(dataset))
+    t1 = time.perf_counter()
+    pre = evaluate_cached(ws.lm.model, ws.lm.tok, requests, cache_dir() / "pre_edit",
+                          ws.lm.fingerprint, batch_size=batch_size, progress=True)
+    t2 = time.perf_counter()
+    result = malmen.edit(ws.lm, requests, ws.net, progress=True)
+    t3 = time.perf_counter()
+    with applied(ws.lm, result.deltas):
+        post = evaluate(ws.lm.model, ws.lm.tok, requests, batch_size=batch_size, progress=True)
+    t4 = time.perf_counter()
+    return {
+        "model": describe(ws.lm), "editor": "malmen", "dataset": dataset,
+        "dataset_path": dataset_path, "requests": len(requests), "offset": offset, "seed": seed,
+        "hparams": ws.hp.to_dict(), "lam": {l: float(ws.net.lam[ws.net.index(l)]) for l in ws.net.layers},
+        "pre": pre.summary(), "post": post.summary(),
+        "keys_per_layer": len(next(iter(result.layers.values())).residual_norms),
+        "seconds": {"load": t1 - t0, "pre_eval": t2 - t1, "edit": t3 - t2, **result.seconds,
+                    "post_eval": t4 - t3, "edit_per_request": (t3 - t2) / len(requests)},
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -63,7 +104,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset-path", default=None)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--mode", choices=["sequential", "parallel"], default="sequential")
+    ap.add_argument("--editor", choices=["memit", "malmen"], default="memit",
+                    help="malmen: the network trained by python -m editing.train_malmen")
+    ap.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
+                    help="MEMIT only")
     ap.add_argument("--layers", default=None, help='e.g. "4-8"; default: the model preset')
     ap.add_argument("--mom2-update-weight", type=float, default=0.0)
     ap.add_argument("--v-num-grad-steps", type=int, default=0)

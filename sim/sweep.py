@@ -48,6 +48,13 @@ PRESETS: dict[str, dict] = {
         "base": {"strategy": "all", "dataset": "counterfact", "edit-mode": "parallel"},
         "grid": {}, "clients": [2, 4, 8, 16], "total-edits": 16, "x": "clients",
     },
+    "malmen": {
+        "title": "Table 3: every strategy on MALMEN, 8 clients, zsRE",
+        "scale": "8 clients x 16 zsRE edits on SmolLM2-135M (paper: 8 x 125 on GPT2-XL / GPT-J); "
+                 "the network from python -m editing.train_malmen",
+        "base": {"strategy": "all", "dataset": "zsre", "editor": "malmen"},
+        "grid": {"edits-per-client": [16]}, "clients": [8], "x": "edits-per-client",
+    },
     # Experiments that are not a grid of comparison runs name a module with
     # `run(spec: dict, out: Path) -> str` (writes summary.csv, summary.md and PNGs into `out`,
     # returns the Markdown).
@@ -173,7 +180,8 @@ def table_rows(summaries: list[dict]) -> list[dict]:
                 "dataset": cfg["dataset"], "model": s["model"]["name"], "clients": s["num_clients"],
                 "edits-per-client": cfg["edits-per-client"],
                 "total-edits": s["num_clients"] * cfg["edits-per-client"] * cfg["num-server-rounds"],
-                "rounds": cfg["num-server-rounds"], "edit-mode": cfg["edit-mode"],
+                "rounds": cfg["num-server-rounds"], "editor": cfg.get("editor", "memit"),
+                "edit-mode": cfg["edit-mode"],
                 "protocol": cfg["protocol"], "seed": cfg["seed"], "strategy": strategy,
                 **{m: last["metrics"].get(m, math.nan) for m in METRICS},
                 "bytes-up-per-client": (sum(up.values()) / len(up)) if up else 0,
@@ -204,7 +212,9 @@ def md_table(rows: list[dict], cols: list[str], cell=_cell) -> str:
 
 
 def markdown(spec: dict, rows: list[dict]) -> str:
-    cols = ["dataset", "clients", "total-edits", "edit-mode", "protocol", "strategy"] + [
+    editors = {r.get("editor", "memit") for r in rows}
+    cols = ["dataset", "clients", "total-edits"] + (["editor"] if editors != {"memit"} else [
+        "edit-mode"]) + ["protocol", "strategy"] + [
         m for m in METRICS if any(not math.isnan(r[m]) for r in rows)] + ["seconds"]
     return "\n".join([f"# {spec['title']}", "", f"Scale: {spec.get('scale', 'as configured')}.",
                       "", md_table(rows, cols)])
