@@ -173,6 +173,9 @@ def table_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s in summaries:
         cfg = s["config"]
+        # the run's largest relative weight difference CollabEdit - GLOBAL over the edited layers
+        gaps = s.get("collabedit_vs_global_rel_diff") or {}
+        gap = max(gaps.values()) if gaps else math.nan
         for strategy, res in s["strategies"].items():
             last = res["rounds"][-1]
             up = last["bytes_up"]
@@ -185,6 +188,7 @@ def table_rows(summaries: list[dict]) -> list[dict]:
                 "protocol": cfg["protocol"], "seed": cfg["seed"], "strategy": strategy,
                 **{m: last["metrics"].get(m, math.nan) for m in METRICS},
                 "bytes-up-per-client": (sum(up.values()) / len(up)) if up else 0,
+                "payload": cfg.get("payload", "dense"), "collabedit-vs-global": gap,
                 "failed": len(last["failed"]), "seconds": res["seconds"],
             })
     return rows
@@ -215,7 +219,8 @@ def markdown(spec: dict, rows: list[dict]) -> str:
     editors = {r.get("editor", "memit") for r in rows}
     cols = ["dataset", "clients", "total-edits"] + (["editor"] if editors != {"memit"} else [
         "edit-mode"]) + ["protocol", "strategy"] + [
-        m for m in METRICS if any(not math.isnan(r[m]) for r in rows)] + ["seconds"]
+        m for m in METRICS if any(not math.isnan(r[m]) for r in rows)] + ["seconds"] + [
+        c for c in ("collabedit-vs-global",) if any(not math.isnan(r[c]) for r in rows)]
     return "\n".join([f"# {spec['title']}", "", f"Scale: {spec.get('scale', 'as configured')}.",
                       "", md_table(rows, cols)])
 

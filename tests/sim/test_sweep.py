@@ -31,3 +31,20 @@ def test_tiny_sweep_writes_csv_and_resumes(tiny, tmp_path):
 def test_total_edits_split_over_clients():
     spec = {"base": {"strategy": "all"}, "grid": {}, "clients": [2, 4], "total-edits": 8}
     assert [(c, rc["edits-per-client"]) for c, rc in expand(spec)] == [(2, 4), (4, 2)]
+
+
+def test_rows_carry_the_collabedit_vs_global_distance():
+    from sim.sweep import markdown, table_rows
+
+    rnd = {"metrics": {"es": 50.0}, "bytes_up": {"client 0": 10}, "failed": []}
+    summary = {"config": {"dataset": "demo", "edits-per-client": 1, "num-server-rounds": 1,
+                          "edit-mode": "parallel", "protocol": "one-shot", "seed": 0,
+                          "payload": "factored"},
+               "model": {"name": "m"}, "num_clients": 2,
+               "collabedit_vs_global_rel_diff": {"1": 3e-9, "2": 7e-9},
+               "strategies": {s: {"rounds": [rnd], "seconds": 1.0} for s in ("global", "collabedit")}}
+    rows = table_rows([summary])
+    assert [r["collabedit-vs-global"] for r in rows] == [7e-9, 7e-9]
+    assert rows[0]["payload"] == "factored"
+    assert "collabedit-vs-global" in markdown({"title": "t"}, rows) and "7e-09" in markdown(
+        {"title": "t"}, rows)
