@@ -174,3 +174,19 @@ def test_merge_error_is_recorded_before_the_run_stops(tiny, tmp_path, monkeypatc
 
     on_disk = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert "not positive definite" in on_disk["error"] and "finished" not in on_disk
+
+
+class CountingGrid(InProcessGrid):
+    """Records how many message ids each pull asks for."""
+
+    asked: list = []
+
+    def pull_messages(self, message_ids):
+        CountingGrid.asked.append(len(message_ids))
+        yield from super().pull_messages(message_ids)
+
+
+def test_replies_are_pulled_one_at_a_time(tiny, tmp_path):
+    CountingGrid.asked = []
+    run(tmp_path, grid_cls=CountingGrid, strategy="collabedit")
+    assert CountingGrid.asked and set(CountingGrid.asked) == {1}
