@@ -6,8 +6,11 @@ memory and exactness of one merged layer (GPT-J's MLP output projection: d_in 16
 
 Synthetic data: keys K (d_in x total) and residuals R (d_out x total) are Gaussian; C = lam C0
 with a synthetic PSD C0 = diag(c) + W0 W0^T (W0: d_in x 64), the conditioning of a real one in
-spirit, not in detail. Clients hold contiguous slices of the edits and send the factored payload
-(`strategies.payload.factor_keys`, the same message as factoring their dense K K^T, R K^T).
+spirit, not in detail. Clients hold contiguous slices of the edits. A client's factored message
+is F = U sqrt(w) = K_i V and G = R_i V for an orthogonal n x n V (`strategies.payload`); the
+server's work and the bytes are the same for every factor of that shape, so the clients here send
+F = K_i and G = R_i themselves and skip their own O(d_in n^2) factorisation (`--canonical`
+computes the canonical factors with `payload.factor_keys` instead).
 
 Each client count runs the server in its own subprocess, so the peak RSS it reports (getrusage)
 is that configuration's alone. The server does what `strategies.flower` does per layer: build
@@ -19,8 +22,10 @@ by row block.
 
 Today's protocol (before factored payloads) ran a full eigvalsh of every client's d_in x d_in
 K K^T to check it is PSD, and one more of C + sum K K^T for the condition number: that
-eigvalsh is timed once at d_in and multiplied (clients + 1), a lower bound on today's server time
-(its fold and LU solve are left out). Its bytes are computed: packed K K^T plus R K^T, float64.
+eigvalsh is timed once and multiplied (clients + 1), a lower bound on today's server time (its
+fold and LU solve are left out). `--eig-d` times it at a smaller size instead and scales it by
+(d_in / eig-d)^3 (its cost is cubic), for CPUs where one eigvalsh at d_in takes too long; the
+JSON says which. Its bytes are computed: packed K K^T plus R K^T, float64.
 """
 
 from __future__ import annotations
@@ -89,8 +94,6 @@ def global_edit(k: np.ndarray, r: np.ndarray, d_in: int, seed: int) -> np.ndarra
 
 def generate(args, work: Path) -> dict:
     """Every configuration's client payloads on disk (as a server would receive them), GLOBAL."""
-    from strategies.payload import factor_keys
-
     k, r = keys_and_residuals(args)
     t0 = time.perf_counter()
     ref = global_edit(k, r, args.d_in, args.seed)
@@ -104,7 +107,12 @@ def generate(args, work: Path) -> dict:
         folder.mkdir()
         for i in range(n_clients):
             cols = slice(i * edits, (i + 1) * edits)
-            fields = factor_keys(k[:, cols], r[:, cols])
+            if args.canonical:
+                from strategies.payload import factor_keys
+
+                fields = factor_keys(k[:, cols], r[:, cols])
+            else:
+                fields = {"kkt-factor": k[:, cols], "rkt-factor": r[:, cols]}
             for dtype in ("float64",) + (("float32",) if n_clients == args.f32_clients else ()):
                 for field, value in fields.items():
                     np.save(folder / f"{i}.{field}.{dtype}.npy", value.astype(dtype))
@@ -123,10 +131,11 @@ def serve(args, work: Path, n_clients: int, dtype: str) -> dict:
     edits = args.total_edits // n_clients
     t = {"validate": 0.0, "fold": 0.0}
     t0 = time.perf_counter()
-    cov = server_cov(args.d_in, args.seed)
+    # as EditStrategy: it holds lam C0 for the run and hands each merge a fresh C (covariance())
+    # that becomes the merge's work array
+    lam_c0 = server_cov(args.d_in, args.seed)
+    acc = CollabEdit(lam_c0.copy(), name="bench layer", overwrite_cov=True)
     t_cov = time.perf_counter() - t0
-    acc = CollabEdit(cov, name="bench layer", overwrite_cov=True)
-    del cov  # the merge's work array now
     for i in range(n_clients):
         fields = {f: np.load(folder / f"{i}.{f}.{dtype}.npy") for f in ("kkt-factor", "rkt-factor")}
         t0 = time.perf_counter()
@@ -157,11 +166,15 @@ def serve(args, work: Path, n_clients: int, dtype: str) -> dict:
 
 
 def time_eigvalsh(args) -> dict:
-    """Today's per-client PSD check at d_in (and the merge's own eigvalsh), timed once."""
-    a = server_cov(args.d_in, args.seed)
+    """Today's per-client PSD check (and the merge's own eigvalsh), timed once at eig-d."""
+    d = args.eig_d or args.d_in
+    a = server_cov(d, args.seed)
     t0 = time.perf_counter()
     np.linalg.eigvalsh(a)
-    return {"d": args.d_in, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
+    measured = time.perf_counter() - t0
+    return {"d_timed": d, "seconds_timed": measured, "d": args.d_in,
+            "seconds": measured * (args.d_in / d) ** 3,
+            "scaled": d != args.d_in, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def child(args, *what) -> dict:
@@ -180,6 +193,10 @@ def main(argv=None) -> None:
     ap.add_argument("--clients", default="2,10,50")
     ap.add_argument("--f32-clients", type=int, default=10, help="also run this config in float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eig-d", type=int, default=0,
+                    help="time today's eigvalsh at this size and scale it cubically (0: at d_in)")
+    ap.add_argument("--canonical", action="store_true",
+                    help="clients send the canonical factors (payload.factor_keys), not K, R")
     ap.add_argument("--work", type=Path, default=None, help="payload folder (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "protocol" / "bench-protocol.json")
     ap.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -195,60 +212,80 @@ def main(argv=None) -> None:
         if args.total_edits % n:
             raise SystemExit(f"{args.total_edits} edits do not split over {n} clients")
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    state = {"eig": None, "runs": []}
+
+    def save(finished: bool) -> dict:  # after every measurement: an interrupted run keeps them
+        result = summarise(args, gen, state["eig"], state["runs"], threads)
+        result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S") if finished else None
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        return result
+
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         gen = generate(args, work)
         gen["seconds"] = time.perf_counter() - t0
         print(f"payloads generated in {gen['seconds']:.0f} s", flush=True)
-        eig = child(args, "eigvalsh", work)
-        print(f"eigvalsh at d={args.d_in}: {eig['seconds']:.1f} s", flush=True)
-        runs = []
-        for n in args.clients:
-            runs.append(child(args, "serve", work, n, "float64"))
-            print(json.dumps(runs[-1]), flush=True)
+        # the client counts first (they make the peak-RSS comparison), then today's baseline
+        order = sorted(args.clients, key=lambda n: n != 10)
+        for n in order:
+            state["runs"].append(child(args, "serve", work, n, "float64"))
+            print(json.dumps(state["runs"][-1]), flush=True)
+            save(False)
+        state["eig"] = child(args, "eigvalsh", work)
+        print(f"eigvalsh at d={state['eig']['d_timed']}: {state['eig']['seconds_timed']:.1f} s -> "
+              f"{state['eig']['seconds']:.1f} s at d={args.d_in}", flush=True)
+        save(False)
         if args.f32_clients in args.clients:
-            runs.append(child(args, "serve", work, args.f32_clients, "float32"))
-            print(json.dumps(runs[-1]), flush=True)
+            state["runs"].append(child(args, "serve", work, args.f32_clients, "float32"))
+            print(json.dumps(state["runs"][-1]), flush=True)
+    result = save(True)
+    print(table(result))
+    print(f"written to {args.out}")
+
+
+def summarise(args, gen: dict, eig: dict | None, runs: list[dict], threads: str) -> dict:
     dense_f64 = 8 * (args.d_in * (args.d_in + 1) // 2 + args.d_out * args.d_in)
     rows = []
     for run in runs:
         n = run["clients"]
         size = gen["sizes"][n]
-        today = (n + 1) * eig["seconds"]
+        today = (n + 1) * eig["seconds"] if eig else None
         rows.append({**run, "bytes_per_client_per_layer": {
             "dense_f64_today": dense_f64, "factored_f64": size["factored_f64"],
             "factored_f32": size["factored_f32"]},
             "dense_over_factored_f64": dense_f64 / size["factored_f64"],
             "today_server_seconds_lower_bound": today,
-            "speedup_vs_today": today / run["seconds"]["total"]})
+            "speedup_vs_today": today / run["seconds"]["total"] if today else None})
     f64 = [r for r in rows if r["dtype"] == "float64"]
     rss = [r["peak_rss_bytes"] for r in f64]
-    result = {
+    spread = (max(rss) - min(rss)) / min(rss) if rss else None
+    ten = next((r for r in f64 if r["clients"] == 10), None)
+    return {
         "shapes": {"d_in": args.d_in, "d_out": args.d_out, "total_edits": args.total_edits,
                    "lam": LAM, "c0_low_rank": LOW_RANK},
+        "clients_send": "canonical factors" if args.canonical else "K_i and R_i as the factors",
         "threads": threads, "cpus": os.cpu_count(), "eigvalsh": eig, "generate": gen, "runs": rows,
         "done_when": {
             "factored_bytes_at_most_dense_over_15": all(
                 r["bytes_per_client_per_layer"]["factored_f64"] * 15 <= dense_f64 for r in f64),
-            "server_seconds_10_clients_at_most_today_over_10": next(
-                (r["speedup_vs_today"] >= 10 for r in f64 if r["clients"] == 10), None),
-            "peak_rss_spread": (max(rss) - min(rss)) / min(rss),
-            "peak_rss_within_10_percent": (max(rss) - min(rss)) / min(rss) <= 0.10,
+            "server_seconds_10_clients_at_most_today_over_10": (
+                ten["speedup_vs_today"] >= 10 if ten and ten["speedup_vs_today"] else None),
+            "peak_rss_spread": spread,
+            "peak_rss_within_10_percent": spread <= 0.10 if spread is not None else None,
         },
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(table(result))
-    print(f"written to {args.out}")
 
 
 def table(result: dict) -> str:
     mib = 2 ** 20
     lines = [f"one layer d_in {result['shapes']['d_in']} x d_out {result['shapes']['d_out']}, "
-             f"{result['shapes']['total_edits']} edits in all; eigvalsh at d_in "
-             f"{result['eigvalsh']['seconds']:.1f} s (today's per-client check)",
+             f"{result['shapes']['total_edits']} edits in all; today's per-client eigvalsh "
+             f"{result['eigvalsh']['seconds']:.1f} s at d_in" + (
+                 f" (timed at d={result['eigvalsh']['d_timed']}: "
+                 f"{result['eigvalsh']['seconds_timed']:.1f} s, scaled by (d_in/d)^3)"
+                 if result["eigvalsh"]["scaled"] else ""),
              "| clients | edits/client | dtype | MiB/client dense f64 (today) | factored f64 | "
              "factored f32 | validate s | fold s | solve s | total s | today's s (>=) | "
              "speed-up | peak RSS MiB | rel. diff vs GLOBAL |",
