@@ -190,3 +190,16 @@ def test_replies_are_pulled_one_at_a_time(tiny, tmp_path):
     CountingGrid.asked = []
     run(tmp_path, grid_cls=CountingGrid, strategy="collabedit")
     assert CountingGrid.asked and set(CountingGrid.asked) == {1}
+
+
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_dynamic_covariance_broadcasts_past_kkt_in_the_payload_form(tiny, tmp_path, form):
+    summary, grid = run(tmp_path, clients=2, **{"num-server-rounds": 2, "beta1": 0.5,
+                                                "payload": form})
+    assert max(summary["collabedit_vs_global_rel_diff"].values()) <= 1e-8
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    past = payload.decode(trains[-1].content["past-kkt"])
+    d_in = tiny.lm.model.config.intermediate_size
+    # round 1: 2 clients x 2 edits, summed as a factor of rank 4 (or packed, dense)
+    assert {tuple(v.shape) for f in past.values() for v in f.values()} == (
+        {(d_in, 4)} if form == "factored" else {(d_in * (d_in + 1) // 2,)})
