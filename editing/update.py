@@ -65,6 +65,31 @@ def solve_layer(keys: torch.Tensor, residual: torch.Tensor, cov: torch.Tensor, *
     return delta, kkt, rkt
 
 
+def solve_isotropic(keys: torch.Tensor, residual: torch.Tensor, c: torch.Tensor | float, *,
+                    name: str = "layer", max_cond: float = MAX_CONDITION) -> torch.Tensor:
+    """The same Delta for C = c I, through the push-through identity
+    `R K^T (c I + K K^T)^{-1} = R (c I_n + K^T K)^{-1} K^T`: an n x n system (n keys) instead of
+    d_in x d_in, differentiable in K, R and c. MALMEN's meta-training solves it every step (with
+    gradients) where n is a few dozen answer tokens and d_in is the MLP width; `solve_layer`
+    stays the one solve behind every shared payload."""
+    keys, residual = keys.double(), residual.double()
+    c = torch.as_tensor(c, dtype=torch.float64, device=keys.device)
+    gram = keys.T @ keys + c * torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        raise SolveError(f"{name}: c I + K^T K is not positive definite (Cholesky failed at "
+                         f"column {int(info)}); c = {float(c):.3g}")
+    diag = factor.detach().diagonal()
+    cond = float((diag.max() / diag.min()) ** 2)
+    if not cond <= max_cond:
+        raise SolveError(f"{name}: c I + K^T K is badly conditioned (condition >= {cond:.3g} > "
+                         f"{max_cond:.3g})")
+    delta = (keys @ torch.cholesky_solve(residual.T, factor)).T
+    if not torch.isfinite(delta).all():
+        raise SolveError(f"{name}: the solve gave non-finite values")
+    return delta
+
+
 def layer_update(lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor,
                  cov: torch.Tensor) -> LayerEdit:
     """`keys` n x d_in, `residual` n x d_out (one row per key): solved on the GPU when the model

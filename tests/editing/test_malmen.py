@@ -84,6 +84,18 @@ def test_update_equals_closed_form(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_training_solve_equals_the_editor(kind):
+    """Meta-training's push-through solve (n x n) gives the editor's Delta (d_in x d_in solve)."""
+    lm = lm_for(kind)
+    net = trained_like_net(lm)
+    keys, grads = malmen.keys_and_grads(lm, REQUESTS, HP.layers)
+    trained = malmen.predict_deltas(lm, net, keys, grads, grad=False)
+    edited = malmen.edit(lm, REQUESTS, net)
+    for l in HP.layers:
+        assert torch.allclose(trained[l], edited.layers[l].delta, rtol=1e-9, atol=1e-12), l
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_keys_and_grads_land_at_answer_tokens(kind):
     lm = lm_for(kind)
     tok, layer = lm.tok, 2
