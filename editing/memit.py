@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from .data import EditRequest
 from .models import LoadedModel, MemitHparams, module
 from .stats import StopForward
 from .update import LayerEdit, applied, apply_deltas, layer_update, solve_layer  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 EARLY_STOP_LOSS = 5e-2  # the reference stops a request's optimisation below this loss
@@ -144,7 +148,7 @@ def _z_batch(lm: LoadedModel, requests: list[EditRequest], templates) -> _ZBatch
     ids, mask = _pad(rows, tok.pad_token_id, lm.device)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=lm.device)  # noqa: E731
     return _ZBatch(ids, mask, t(lookup), t(owner), t(first_row), t(kl_row), t(tgt_row),
-                   t(tgt_pos), t(tgt_id), t(scale, torch.float32))
+                   t(tgt_pos), t(tgt_id), t(scale, torch.float64))
 
 
 @dataclass
@@ -155,113 +159,345 @@ class ZResult:
     steps: torch.Tensor  # per request: optimiser steps taken
 
 
-def _losses(b: _ZBatch, target_logp, kl_logp, kl_init, delta, target_init, hp: MemitHparams):
-    """Per-request MEMIT loss: target NLL + KL on "{} is a" + weight decay on delta."""
-    n = delta.shape[0]
-    nll = torch.zeros(n, device=delta.device).index_add(0, b.owner[b.tgt_row], -target_logp)
-    nll = nll * b.tgt_scale
-    # F.kl_div(init, current, log_target=True, batchmean) as the reference, per request
-    kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
-    decay = hp.v_weight_decay * delta.norm(dim=-1) / target_init.norm(dim=-1) ** 2
-    return nll + hp.kl_factor * kl + decay, nll
-
-
-def _optimise(b: _ZBatch, hp: MemitHparams, target_init, forward) -> ZResult:
-    """Adam on one delta per request; `forward(delta)` returns (target log-probs, KL log-probs).
-
-    Requests are independent (each delta only reaches its own rows), so one optimiser over the
-    stacked deltas follows every request's reference trajectory; a request that reaches the
-    early-stop loss is frozen, as the reference's `break` would leave it.
-    """
-    n, d = target_init.shape
-    delta = torch.zeros(n, d, device=target_init.device, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * target_init.float().norm(dim=-1)
-    done = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    steps = torch.zeros(n, dtype=torch.long)
-    kl_init, nll = None, None
-    for it in range(hp.v_num_grad_steps):
-        target_logp, kl_logp = forward(delta)
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()
-        loss, nll = _losses(b, target_logp, kl_logp, kl_init, delta, target_init.float(), hp)
-        done |= loss.detach() < EARLY_STOP_LOSS
-        if bool(done.all()) or it == hp.v_num_grad_steps - 1:
-            break
-        frozen = delta.detach()[done].clone()
-        opt.zero_grad()
-        loss[~done].sum().backward()
-        opt.step()
-        with torch.no_grad():
-            delta[done] = frozen  # Adam's momentum would otherwise move finished requests
-            norms = delta.norm(dim=-1)
-            over = (norms > max_norm) & ~done
-            delta[over] *= (max_norm[over] / norms[over]).unsqueeze(-1)
-        steps += (~done).cpu().long()
-    z = target_init + delta.detach().to(target_init.dtype)
-    return ZResult(z=z, z_init=target_init, p_target=torch.exp(-nll.detach()).cpu(), steps=steps)
-
-
 def _loss_layer(lm: LoadedModel, hp: MemitHparams) -> int:
     last = lm.model.config.num_hidden_layers - 1
     return max(hp.v_loss_layer if hp.v_loss_layer is not None else last, hp.layers[-1])
 
 
-def _z_chunk(lm: LoadedModel, requests, hp: MemitHparams, templates) -> ZResult:
-    """Batched z: blocks up to the z layer run once; later blocks re-run from cached inputs."""
+def work_dtype(lm: LoadedModel) -> torch.dtype:
+    """z, delta and the loss are kept in float32 or better whatever the model's dtype: a bf16
+    model's z rounded to bf16 would round the residual R = z - h that MEMIT writes."""
+    return torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)
+
+
+def _is_cache(value) -> bool:
+    return hasattr(value, "update") and hasattr(value, "get_seq_length")
+
+
+def _bound_call(block, args, kwargs) -> tuple[str, dict]:
+    """A captured block call as keyword arguments: (name of the hidden-state argument, the rest)."""
+    sig = inspect.signature(block.forward)
+    bound = sig.bind(*args, **kwargs)
+    flat = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        else:
+            flat[name] = value
+    hidden = next(iter(sig.parameters))
+    flat.pop(hidden)
+    return hidden, flat
+
+
+class _Unsupported(Exception):
+    """The blocks above the z layer take an argument the suffix pass cannot cut to the suffix."""
+
+
+class _PrefixCache:
+    """Attention's cache in a suffix pass: the keys and values of the positions before the
+    subject's last token (read once, the same at every step), with this step's suffix keys and
+    values appended. Nothing is stored, so every step starts from the same prefix."""
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.kv = kv
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.kv[layer_idx]
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+
+def _layer_kv(cache, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[idx].keys, cache.layers[idx].values
+    return cache.key_cache[idx], cache.value_cache[idx]
+
+
+def _attention_index(block) -> int:
+    for sub in block.modules():
+        if sub is not block and isinstance(getattr(sub, "layer_idx", None), int):
+            return sub.layer_idx
+    raise _Unsupported(f"{type(block).__name__} has no attention layer_idx")
+
+
+@dataclass
+class _Group:
+    """Active rows of one suffix length, with everything the blocks above the z layer need."""
+
+    rows: torch.Tensor  # (R,) batch rows
+    owner: torch.Tensor  # (R,) request of each row, as an index into the active requests
+    h0: torch.Tensor  # (R, S, d) z-layer output at the suffix positions, before any delta
+    calls: list[dict]  # per block above z: its keyword arguments for this group
+
+
+class _SuffixPass:
+    """The blocks above the z layer, run every step only from the subject's last token on.
+
+    With causal attention no position before the subject's last token sees delta, so their
+    hidden states, keys and values are the same at every step: they come once from the first
+    full pass (its KV cache), and each step runs only the few suffix positions against them.
+    Rows are grouped by suffix length, so no step computes a padded position.
+    """
+
+    def __init__(self, lm: LoadedModel, b: "_ZBatch", blocks, calls, cache, h0):
+        impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
+        if impl not in ("eager", "sdpa"):
+            raise _Unsupported(f"attention implementation {impl!r}")
+        if cache is None:
+            raise _Unsupported("the model's blocks take no KV cache")
+        self.bool_mask = impl == "sdpa"  # sdpa: True = attend; eager: an additive float mask
+        self.b, self.blocks, self.h0 = b, blocks, h0
+        # a rewriting row needs its positions up to its last target-predicting one (its end);
+        # the KL row only the subject's last token, where its distribution is read
+        self.length = b.mask.sum(1) - b.lookup
+        self.length[b.kl_row] = 1
+        self.calls = []
+        for blk, (args, kwargs) in zip(blocks, calls):
+            self.hidden_name, flat = _bound_call(blk, args, kwargs)
+            idx = _attention_index(blk)
+            self.calls.append((idx, _layer_kv(cache, idx), flat))
+
+    def groups(self, rows: torch.Tensor, owner: torch.Tensor) -> list[_Group]:
+        lengths = self.length[rows]
+        return [self._group(rows[lengths == s], owner[lengths == s], int(s))
+                for s in torch.unique(lengths).tolist()]
+
+    def _group(self, rows, owner, s: int) -> _Group:
+        dev = self.h0.device
+        lookup = self.b.lookup[rows]
+        prefix = int(lookup.max())
+        steps = torch.arange(s, device=dev)
+        positions = lookup[:, None] + steps[None, :]  # (R, S) absolute positions
+        # keys: the cached prefix (a slot at or after the row's own subject token is masked),
+        # then the suffix, causally
+        prefix_ok = torch.arange(prefix, device=dev)[None, :] < lookup[:, None]
+        causal = steps[None, :] <= steps[:, None]
+        allowed = torch.cat([prefix_ok[:, None, :].expand(-1, s, -1),
+                             causal[None].expand(len(rows), -1, -1)], dim=-1)[:, None]
+        if self.bool_mask:
+            mask = allowed
+        else:
+            mask = torch.zeros(allowed.shape, dtype=self.h0.dtype, device=dev)
+            mask.masked_fill_(~allowed, torch.finfo(self.h0.dtype).min)
+        calls = []
+        for idx, (k, v), flat in self.calls:
+            cache = _PrefixCache({idx: (k[rows, :, :prefix], v[rows, :, :prefix])})
+            calls.append({name: self._cut(name, value, rows, positions, prefix, s, mask, cache)
+                          for name, value in flat.items()})
+        return _Group(rows=rows, owner=owner, h0=self.h0[rows[:, None], positions], calls=calls)
+
+    @staticmethod
+    def _cut(name, value, rows, positions, prefix, s, mask, cache):
+        if _is_cache(value):
+            return cache
+        if name == "attention_mask":
+            return mask
+        if name == "position_ids":
+            return positions
+        if name == "cache_position":
+            return torch.arange(prefix, prefix + s, device=positions.device)
+        if name == "position_embeddings":  # rotary (cos, sin), each (1 or B, W, head_dim)
+            return tuple(t[(rows if t.shape[0] > 1 else torch.zeros_like(rows))[:, None], positions]
+                         for t in value)
+        if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and any(
+                isinstance(v, torch.Tensor) for v in value)):
+            raise _Unsupported(f"block argument {name!r}")
+        return value
+
+    def run(self, group: _Group, delta: torch.Tensor) -> torch.Tensor:
+        """The loss layer's output (R, S, d) at the group's suffix positions."""
+        h = torch.cat([group.h0[:, :1] + delta[group.owner].to(group.h0.dtype)[:, None],
+                       group.h0[:, 1:]], dim=1)
+        for blk, call in zip(self.blocks, group.calls):
+            h = _block_output(blk(**{self.hidden_name: h}, **call))
+        return h
+
+
+def _first_pass(lm: LoadedModel, b: "_ZBatch", z_layer: int, loss_layer: int):
+    """One no-grad pass over the whole rows: the z layer's output, the call of every block above
+    it (its arguments), the attention cache and the loss layer's output; nothing later runs."""
     model, spec = lm.model, lm.spec
-    b = _z_batch(lm, requests, templates)
-    z_layer, loss_layer = hp.layers[-1], _loss_layer(lm, hp)
     captured: dict = {}
     calls: list = []
 
     def keep_output(_m, _args, out):
-        captured["h"] = _block_output(out).detach()
+        captured["h0"] = _block_output(out).detach()
 
-    def keep_call(i):
-        def hook(_m, args, kwargs):
-            calls.append((i, args, kwargs))
-        return hook
+    def keep_call(_m, args, kwargs):
+        calls.append((args, kwargs))
 
-    def stop(*_):
+    def keep_last(_m, args):
+        captured["last"] = args[0].detach()
         raise StopForward
 
     blocks = [module(model, spec.block.format(i)) for i in range(z_layer + 1, loss_layer + 1)]
     handles = [module(model, spec.block.format(z_layer)).register_forward_hook(keep_output)]
-    handles += [blk.register_forward_pre_hook(keep_call(i), with_kwargs=True)
-                for i, blk in enumerate(blocks)]
+    handles += [blk.register_forward_pre_hook(keep_call, with_kwargs=True) for blk in blocks]
     after = (module(model, spec.block.format(loss_layer + 1)) if loss_layer + 1 <
              model.config.num_hidden_layers else module(model, spec.final_norm))
-    handles.append(after.register_forward_pre_hook(stop))
+    handles.append(after.register_forward_pre_hook(keep_last))
     try:
         with torch.no_grad(), contextlib.suppress(StopForward):
-            model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+            model(input_ids=b.ids, attention_mask=b.mask, use_cache=True)
     finally:
         for h in handles:
             h.remove()
-    h0 = captured["h"]
-    norm, head = module(model, spec.final_norm), model.get_output_embeddings()
-    target_init = h0[b.first_row, b.lookup[b.first_row]]
-    rows = torch.arange(len(b.owner), device=h0.device)
+    cache = next((v for args, kwargs in calls[:1] for v in (*args, *kwargs.values())
+                  if _is_cache(v)), None)
+    return blocks, calls, cache, captured["h0"], captured["last"]
 
-    def forward(delta):
+
+class _Heads:
+    """Log-probabilities where MEMIT's loss reads them, and nowhere else."""
+
+    def __init__(self, lm: LoadedModel, dtype: torch.dtype):
+        self.norm = module(lm.model, lm.spec.final_norm)
+        self.head = lm.model.get_output_embeddings()
+        self.dtype = dtype
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.head(self.norm(h)).to(self.dtype), dim=-1)
+
+
+# The suffix pass must reproduce the whole rows' step-0 log-probabilities to this, else it is not
+# used. A wrong prefix or mask is off by far more; rounding is not (some attention kernels take
+# their softmax in float32 even for a float64 model, hence 1e-5 there).
+_SUFFIX_TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
+
+
+class _Objective:
+    """forward(delta, active) -> (log p of the active requests' target tokens, their KL
+    log-probs, which target tokens those are), on the suffix pass or, where the model's blocks
+    do not allow one, on whole rows."""
+
+    def __init__(self, lm: LoadedModel, b: "_ZBatch", hp: MemitHparams):
+        self.b = b
+        blocks, calls, cache, self.h0, last = _first_pass(lm, b, hp.layers[-1], _loss_layer(lm, hp))
+        self.blocks, self.calls = blocks, calls
+        self.heads = _Heads(lm, work_dtype(lm))
+        self.n = int(b.first_row.shape[0])
+        dev = self.h0.device
+        self.tgt_owner = b.owner[b.tgt_row]
+        self.rows_of = [torch.nonzero(b.owner == j).squeeze(1) for j in range(self.n)]
+        self.tgt_of = [torch.nonzero(self.tgt_owner == j).squeeze(1) for j in range(self.n)]
+        self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
+        self.suffix = None
+        if not blocks:  # z at the loss layer: nothing above it to run
+            return
+        try:
+            self.suffix = _SuffixPass(lm, b, blocks, calls, cache, self.h0)
+            with torch.no_grad():
+                zero = torch.zeros(self.n, self.h0.shape[-1], dtype=self.heads.dtype, device=dev)
+                logp, _, tgt = self.forward(zero, torch.arange(self.n, device=dev))
+                full = self.heads(last[b.tgt_row[tgt], b.tgt_pos[tgt]])
+                full = full.gather(1, b.tgt_id[tgt][:, None]).squeeze(1)
+            err = float((logp - full).abs().max())
+            if not err <= _SUFFIX_TOLERANCE.get(self.h0.dtype, 5e-2):
+                raise _Unsupported(f"it differs from whole rows by {err:.3g} in log p(target)")
+        except _Unsupported as why:
+            log.warning("z: suffix-only pass unavailable (%s); every step runs whole rows", why)
+            self.suffix = None
+
+    def forward(self, delta: torch.Tensor, active: torch.Tensor):
+        b, dev = self.b, self.h0.device
+        tgt = torch.cat([self.tgt_of[j] for j in active.tolist()])
+        if self.suffix is None:
+            return self._whole_rows(delta, active, tgt)
+        local = torch.full((self.n,), -1, dtype=torch.long, device=dev)
+        local[active] = torch.arange(len(active), device=dev)
+        rows = torch.cat([self.rows_of[j] for j in active.tolist()])
+        width = int(self.suffix.length.max())
+        hidden = self.h0.new_zeros(len(b.owner), width, self.h0.shape[-1])
+        for group in self.suffix.groups(rows, local[b.owner[rows]]):
+            out = self.suffix.run(group, delta[active])
+            hidden = hidden.index_put((group.rows,), F.pad(out, (0, 0, 0, width - out.shape[1])))
+        t_rows = b.tgt_row[tgt]
+        t_logp = self.heads(hidden[t_rows, b.tgt_pos[tgt] - b.lookup[t_rows]])
+        kl_logp = self.heads(hidden[b.kl_row[active], 0])
+        return t_logp.gather(1, b.tgt_id[tgt][:, None]).squeeze(1), kl_logp, tgt
+
+    def _whole_rows(self, delta, active, tgt):
+        """Every row, every position, every step (finished requests keep their frozen delta)."""
+        b, h0 = self.b, self.h0
+        rows = torch.arange(len(b.owner), device=h0.device)
         h = h0.index_put((rows, b.lookup), h0[rows, b.lookup] + delta[b.owner].to(h0.dtype))
-        for i, args, kwargs in calls:
-            if args:
-                h = _block_output(blocks[i](h, *args[1:], **kwargs))
-            else:
-                h = _block_output(blocks[i](**{**kwargs, "hidden_states": h}))
-        # logits only where the loss needs them: target positions and the KL positions
-        logp = F.log_softmax(head(norm(h[b.tgt_row, b.tgt_pos])).float(), dim=-1)
-        kl = F.log_softmax(head(norm(h[b.kl_row, b.lookup[b.kl_row]])).float(), dim=-1)
-        return logp.gather(1, b.tgt_id[:, None]).squeeze(1), kl
+        for blk, (args, kwargs) in zip(self.blocks, self.calls):
+            name, flat = _bound_call(blk, args, kwargs)
+            flat = {k: (None if _is_cache(v) else v) for k, v in flat.items()}
+            h = _block_output(blk(**{name: h}, **flat))
+        t_logp = self.heads(h[b.tgt_row[tgt], b.tgt_pos[tgt]])
+        kl_logp = self.heads(h[b.kl_row[active], b.lookup[b.kl_row[active]]])
+        return t_logp.gather(1, b.tgt_id[tgt][:, None]).squeeze(1), kl_logp, tgt
 
+
+def _optimise(b: "_ZBatch", hp: MemitHparams, objective: _Objective, bar=None) -> ZResult:
+    """Adam on one delta per request, the reference's loop for every request at once.
+
+    Requests are independent (each delta reaches only its own rows), so one optimiser over the
+    stacked deltas follows every request's own trajectory (Adam is elementwise). A request
+    leaves the batch when its loss falls below the early-stop bound, as the reference's `break`
+    leaves it, and costs nothing after that.
+    """
+    target_init = objective.target_init
+    n, d = target_init.shape
+    dev = target_init.device
+    delta = torch.zeros(n, d, device=dev, dtype=target_init.dtype, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * target_init.norm(dim=-1)
+    h0_norm2 = target_init.norm(dim=-1) ** 2
+    active = torch.arange(n, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    steps = torch.zeros(n, dtype=torch.long)
+    p_target = torch.zeros(n, dtype=target_init.dtype)
+    kl_init = None
+    last = hp.v_num_grad_steps - 1
+    for it in range(hp.v_num_grad_steps):
+        if bar is not None:
+            bar.set_postfix_str(f"step {it + 1}/{hp.v_num_grad_steps}, {len(active)} active")
+        t_logp, kl_logp, tgt = objective.forward(delta, active)
+        local = torch.full((n,), -1, dtype=torch.long, device=dev)
+        local[active] = torch.arange(len(active), device=dev)
+        nll = torch.zeros(len(active), dtype=t_logp.dtype, device=dev).index_add(
+            0, local[objective.tgt_owner[tgt]], -t_logp) * b.tgt_scale[active].to(t_logp.dtype)
+        if kl_init is None:
+            kl_init = kl_logp.detach().clone()  # step 0: every request active, delta = 0
+        kl = (kl_logp.exp() * (kl_logp - kl_init[active])).sum(-1)
+        decay = hp.v_weight_decay * delta[active].norm(dim=-1) / h0_norm2[active]
+        loss = nll + hp.kl_factor * kl + decay
+        finished = (loss.detach() < EARLY_STOP_LOSS) | (it == last)
+        ended = active[finished]
+        p_target[ended.cpu()] = torch.exp(-nll.detach()[finished]).cpu()
+        steps[ended.cpu()] = it
+        done[ended] = True
+        if bar is not None and len(ended):
+            bar.update(len(ended))
+        if bool(finished.all()):
+            break
+        frozen = delta.detach()[done].clone()
+        opt.zero_grad()
+        loss[~finished].sum().backward()
+        opt.step()
+        active = active[~finished]
+        with torch.no_grad():
+            delta[done] = frozen  # Adam's momentum would otherwise move finished requests
+            norms = delta[active].norm(dim=-1)
+            over = norms > max_norm[active]
+            delta[active[over]] *= (max_norm[active[over]] / norms[over]).unsqueeze(-1)
+    z = target_init + delta.detach()
+    return ZResult(z=z, z_init=target_init, p_target=p_target, steps=steps)
+
+
+def _z_chunk(lm: LoadedModel, requests, hp: MemitHparams, templates, bar=None) -> ZResult:
+    """Batched z for a few requests: the blocks below the z layer run once, the blocks above it
+    once over whole rows and then, every step, over the suffix positions alone; logits only at
+    the target and KL positions; requests leave the batch as they reach the early-stop loss."""
+    b = _z_batch(lm, requests, templates)
+    objective = _Objective(lm, b, hp)
     with torch.enable_grad():
-        return _optimise(b, hp, target_init, forward)
+        return _optimise(b, hp, objective, bar)
 
 
 _Z_FIELDS = ("z", "z_init", "p_target", "steps")
-Z_CACHE_VERSION = 1  # bump whenever the z optimisation changes: old cache files are then ignored
+Z_CACHE_VERSION = 2  # bump whenever the z optimisation changes: old cache files are then ignored
 
 
 def z_key(lm: LoadedModel, request: EditRequest, hp: MemitHparams, templates) -> str:
@@ -284,58 +520,21 @@ def compute_z(lm: LoadedModel, requests, hp: MemitHparams, templates, *, progres
         if (cache / f"{k}.safetensors").exists():
             found[i] = load_file(cache / f"{k}.safetensors")
     todo = [i for i in range(len(requests)) if i not in found]
-    for s in tqdm(range(0, len(todo), hp.z_batch_size), desc="z", unit="batch",
-                  disable=not progress or not todo):
-        idx = todo[s:s + hp.z_batch_size]
-        part = _z_chunk(lm, [requests[i] for i in idx], hp, templates)
-        for j, i in enumerate(idx):
-            found[i] = {f: getattr(part, f)[j].detach().cpu().contiguous() for f in _Z_FIELDS}
-            if cache:
-                cache.mkdir(parents=True, exist_ok=True)
-                # write aside, then rename: parallel workers must never read a half-written file
-                tmp = cache / f".{keys[i]}.{os.getpid()}.tmp"
-                save_file(found[i], str(tmp))
-                os.replace(tmp, cache / f"{keys[i]}.safetensors")
+    with tqdm(total=len(todo), desc="z", unit="req", disable=not progress or not todo) as bar:
+        for s in range(0, len(todo), hp.z_batch_size):
+            idx = todo[s:s + hp.z_batch_size]
+            part = _z_chunk(lm, [requests[i] for i in idx], hp, templates, bar if progress else None)
+            for j, i in enumerate(idx):
+                found[i] = {f: getattr(part, f)[j].detach().cpu().contiguous() for f in _Z_FIELDS}
+                if cache:
+                    cache.mkdir(parents=True, exist_ok=True)
+                    # write aside, then rename: parallel workers must never read a half-written file
+                    tmp = cache / f".{keys[i]}.{os.getpid()}.tmp"
+                    save_file(found[i], str(tmp))
+                    os.replace(tmp, cache / f"{keys[i]}.safetensors")
     device = lm.device
     return ZResult(*(torch.stack([found[i][f] for i in range(len(requests))]).to(
         device if f in ("z", "z_init") else "cpu") for f in _Z_FIELDS))
-
-
-def compute_z_reference(lm: LoadedModel, request: EditRequest, hp: MemitHparams, templates
-                        ) -> ZResult:
-    """The reference's method: one request at a time, the whole model every step, full logits.
-
-    Kept as the oracle for tests and the speed benchmark of `compute_z`.
-    """
-    model, spec = lm.model, lm.spec
-    b = _z_batch(lm, [request], templates)
-    z_layer = hp.layers[-1]
-    state: dict = {}
-
-    def add_delta_hook(_m, _args, out):
-        h = _block_output(out)
-        if "init" not in state:
-            state["init"] = h[b.first_row, b.lookup[b.first_row]].detach().clone()
-        rows = torch.arange(h.shape[0], device=h.device)
-        h = h.index_put((rows, b.lookup), h[rows, b.lookup] + state["delta"][b.owner].to(h.dtype))
-        return (h, *out[1:]) if isinstance(out, (tuple, list)) else h
-
-    handle = module(model, spec.block.format(z_layer)).register_forward_hook(add_delta_hook)
-
-    def forward(delta):
-        state["delta"] = delta
-        logits = model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits
-        logp = F.log_softmax(logits.float(), dim=-1)
-        target = logp[b.tgt_row, b.tgt_pos].gather(1, b.tgt_id[:, None]).squeeze(1)
-        return target, logp[b.kl_row, b.lookup[b.kl_row]]
-
-    try:
-        with torch.no_grad():  # one pass to read target_init before any delta exists
-            forward(torch.zeros(1, model.config.hidden_size, device=lm.device))
-        with torch.enable_grad():
-            return _optimise(b, hp, state["init"], forward)
-    finally:
-        handle.remove()
 
 
 # ----------------------------------------------------------------------------- keys and the solve
