@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
             if "past-kkt" in msg.content.array_records else None)
     cov = ws.covariance(cfg.beta0, cfg.beta1, past)
     metrics = {"partition-id": pid, "num-edits": len(requests)}
-    z_base = base_targets(cfg, ws, requests)
+    z_base = base_targets(cfg, ws, requests, progress=True)
     with applied(ws.lm, _global_deltas(msg)):
         if cfg.editor == "malmen":  # every layer's keys from one pass: always one exchange
             result = malmen.edit(ws.lm, requests, ws.net, cov)
@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
                 metrics["local-es"] = _rewrite_success(ws, requests)
         elif tuple(stage) == tuple(ws.hp.layers):  # one-shot: every layer in one exchange
             result = edit(ws.lm, requests, ws.hp, cov, mode=cfg.edit_mode, templates=ws.templates,
-                          z_cache=cache_dir() / "z", z=z_base)
+                          z_cache=cache_dir() / "z", z=z_base, progress=True)
             edits = result.layers
             metrics["p-target"] = float(result.z.p_target.mean())
             # per request, in the client's own order: lets a party spot requests the model
@@ -110,7 +110,8 @@ def _round_z(context: Context, ws: Workspace, requests, round_key: str) -> torch
     exchange), and kept in the client's state for the later layers."""
     key = f"z-{round_key}"
     if key not in context.state.array_records:
-        z = compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z").z
+        z = compute_z(ws.lm, requests, ws.hp, ws.templates, cache=cache_dir() / "z",
+                      progress=True).z
         context.state[key] = ArrayRecord({"z": Array(z.detach().to("cpu", torch.float64).numpy())})
     return torch.from_numpy(context.state[key]["z"].numpy())
 
