@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow
 
 def test_malmen_trained_on_smollm2_edits_held_out_zsre():
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     lm = load_model("smollm2")
-    # a smaller run than the preset's: the CI budget is 10 minutes for everything here
-    hp = malmen.malmen_preset(lm).with_overrides(rank=64, steps=30, val_every=15, val_size=32,
-                                                 norm_warmup=2)
+    # a smaller run than the preset's (rank 64, 20 steps): the CI budget is 10 minutes for
+    # everything here. Its validation curve is also the rank-64 point of editing/HPARAMS.md.
+    hp = malmen.malmen_preset(lm).with_overrides(rank=64, steps=20, val_every=20)
     net, meta = get_trained(lm, hp, training_records(), train_if_missing=True, max_minutes=6,
                             progress=False)
     trained = time.perf_counter() - t0
@@ -32,9 +32,12 @@ def test_malmen_trained_on_smollm2_edits_held_out_zsre():
     result = malmen.edit(lm, requests, net)
     with applied(lm, result.deltas):
         post = evaluate(lm.model, lm.tok, requests).summary("zsre")
+    cpu = time.process_time() - cpu0
     print({"pre": pre, "post": post, "train_seconds": trained, "history": meta.get("history"),
-           "total_seconds": time.perf_counter() - t0})
-    assert time.perf_counter() - t0 < 600
+           "total_seconds": time.perf_counter() - t0, "cpu_seconds": cpu})
+    # ten minutes of one core (CPU time: on a machine shared with other jobs the wall clock
+    # measures the neighbours, not this test)
+    assert cpu < 600, cpu
     assert post["ea"] >= pre["ea"] + 25, (pre, post)  # clearly above the unedited model
     assert post["pa"] >= pre["pa"] + 10, (pre, post)
     assert post["na"] >= pre["na"] - 15, (pre, post)
