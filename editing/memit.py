@@ -224,7 +224,7 @@ class _Group:
     """Active rows of one suffix length, with everything the blocks above the z layer need."""
 
     rows: torch.Tensor  # (R,) batch rows
-    owner: torch.Tensor  # (R,) request of each row, as an index into the active requests
+    owner: torch.Tensor  # (R, active requests) one-hot: which request each row belongs to
     h0: torch.Tensor  # (R, S, d) z-layer output at the suffix positions, before any delta
     calls: list[dict]  # per block above z: its keyword arguments for this group
 
@@ -256,9 +256,13 @@ class _SuffixPass:
             idx = _attention_index(blk)
             self.calls.append((idx, _layer_kv(cache, idx), flat))
 
-    def groups(self, rows: torch.Tensor, owner: torch.Tensor) -> list[_Group]:
+    def groups(self, rows: torch.Tensor, owner: torch.Tensor, n_active: int) -> list[_Group]:
+        """`owner`: per row, its request's index among the `n_active` active ones."""
         lengths = self.length[rows]
-        return [self._group(rows[lengths == s], owner[lengths == s], int(s))
+        # the one-hot owner matrix places delta by a matmul, whose backward (unlike an index's
+        # atomic adds on CUDA) sums each request's rows in a fixed order
+        onehot = F.one_hot(owner, n_active).to(self.h0.dtype)
+        return [self._group(rows[lengths == s], onehot[lengths == s], int(s))
                 for s in torch.unique(lengths).tolist()]
 
     def _group(self, rows, owner, s: int) -> _Group:
@@ -305,7 +309,7 @@ class _SuffixPass:
 
     def run(self, group: _Group, delta: torch.Tensor) -> torch.Tensor:
         """The loss layer's output (R, S, d) at the group's suffix positions."""
-        h = torch.cat([group.h0[:, :1] + delta[group.owner].to(group.h0.dtype)[:, None],
+        h = torch.cat([group.h0[:, :1] + (group.owner @ delta.to(group.h0.dtype))[:, None],
                        group.h0[:, 1:]], dim=1)
         for blk, call in zip(self.blocks, group.calls):
             h = _block_output(blk(**{self.hidden_name: h}, **call))
@@ -407,7 +411,7 @@ class _Objective:
         rows = torch.cat([self.rows_of[j] for j in active.tolist()])
         width = int(self.suffix.length.max())
         hidden = self.h0.new_zeros(len(b.owner), width, self.h0.shape[-1])
-        for group in self.suffix.groups(rows, local[b.owner[rows]]):
+        for group in self.suffix.groups(rows, local[b.owner[rows]], len(active)):
             out = self.suffix.run(group, delta[active])
             hidden = hidden.index_put((group.rows,), F.pad(out, (0, 0, 0, width - out.shape[1])))
         t_rows = b.tgt_row[tgt]
@@ -456,8 +460,9 @@ def _optimise(b: "_ZBatch", hp: MemitHparams, objective: _Objective, bar=None) -
         t_logp, kl_logp, tgt = objective.forward(delta, active)
         local = torch.full((n,), -1, dtype=torch.long, device=dev)
         local[active] = torch.arange(len(active), device=dev)
-        nll = torch.zeros(len(active), dtype=t_logp.dtype, device=dev).index_add(
-            0, local[objective.tgt_owner[tgt]], -t_logp) * b.tgt_scale[active].to(t_logp.dtype)
+        # per request: sum of its target tokens' NLL (a one-hot matmul: fixed order on CUDA too)
+        owner = F.one_hot(local[objective.tgt_owner[tgt]], len(active)).T.to(t_logp.dtype)
+        nll = (owner @ -t_logp) * b.tgt_scale[active].to(t_logp.dtype)
         if kl_init is None:
             kl_init = kl_logp.detach().clone()  # step 0: every request active, delta = 0
         kl = (kl_logp.exp() * (kl_logp - kl_init[active])).sum(-1)
@@ -520,6 +525,9 @@ def compute_z(lm: LoadedModel, requests, hp: MemitHparams, templates, *, progres
         if (cache / f"{k}.safetensors").exists():
             found[i] = load_file(cache / f"{k}.safetensors")
     todo = [i for i in range(len(requests)) if i not in found]
+    # chunks of prompts of like length pad less (z is per request, whatever its chunk)
+    todo.sort(key=lambda i: len(lm.tok(fill(requests[i].prompt, requests[i].subject)).input_ids)
+              + len(target_ids(lm.tok, requests[i].target_new)))
     with tqdm(total=len(todo), desc="z", unit="req", disable=not progress or not todo) as bar:
         for s in range(0, len(todo), hp.z_batch_size):
             idx = todo[s:s + hp.z_batch_size]
