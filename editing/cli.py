@@ -21,8 +21,8 @@ from . import malmen
 from .memit import edit
 from .train_malmen import open_malmen_workspace
 from .update import applied
-from .models import cache_dir, describe
-from .workspace import open_workspace
+from .models import cache_dir, describe, load_model
+from .workspace import workspace_for
 
 
 def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32, offset=0,
@@ -37,9 +37,11 @@ def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32,
         raise ValueError(f"editor must be 'memit' or 'malmen', got {editor!r}")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    ws = open_workspace(model, dtype=dtype, device=device, layers=layers,
-                        mom2_update_weight=mom2_update_weight, v_num_grad_steps=v_num_grad_steps,
-                        cov_samples=cov_samples)
+    lm = load_model(model, device=device or None, dtype=dtype)
+    t_model = time.perf_counter()
+    ws = workspace_for(lm, layers=layers, mom2_update_weight=mom2_update_weight,
+                       v_num_grad_steps=v_num_grad_steps, cov_samples=cov_samples)
+    t_stats = time.perf_counter()
     requests = load_requests(dataset, dataset_path, limit=n, offset=offset,
                              **dataset_options(dataset))
     t1 = time.perf_counter()
@@ -59,8 +61,10 @@ def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32,
         "pre": pre.summary(), "post": post.summary(),
         "z_p_target_mean": float(result.z.p_target.mean()),
         "residual_norm_mean": {l: float(e.residual_norms.mean()) for l, e in result.layers.items()},
-        "seconds": {"load": t1 - t0, "pre_eval": t2 - t1, "edit": t3 - t2, **result.seconds,
-                    "post_eval": t4 - t3, "edit_per_request": (t3 - t2) / len(requests)},
+        "seconds": {"load": t1 - t0, "model": t_model - t0, "statistics": t_stats - t_model,
+                    "pre_eval": t2 - t1, "edit": t3 - t2, **result.seconds,
+                    "post_eval": t4 - t3, "edit_per_request": (t3 - t2) / len(requests),
+                    "z_per_request": result.seconds["z"] / len(requests), "total": t4 - t0},
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                     "platform": platform.platform()},
     }
