@@ -229,21 +229,20 @@ class _Group:
     calls: list[dict]  # per block above z: its keyword arguments for this group
 
 
+_MIN_GROUP_ROWS = 8
+
+
 class _SuffixPass:
     """The blocks above the z layer, run every step only from the subject's last token on.
 
     With causal attention no position before the subject's last token sees delta, so their
     hidden states, keys and values are the same at every step: they come once from the first
     full pass (its KV cache), and each step runs only the few suffix positions against them.
-    Rows are grouped by suffix length, so no step computes a padded position.
+    Rows are grouped by suffix length, so a step computes few padded positions.
     """
 
-    def __init__(self, lm: LoadedModel, b: "_ZBatch", blocks, calls, cache, h0):
+    def __init__(self, lm: LoadedModel, b: "_ZBatch", blocks, calls, kv, h0):
         impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
-        if impl not in ("eager", "sdpa"):
-            raise _Unsupported(f"attention implementation {impl!r}")
-        if cache is None:
-            raise _Unsupported("the model's blocks take no KV cache")
         self.bool_mask = impl == "sdpa"  # sdpa: True = attend; eager: an additive float mask
         self.b, self.blocks, self.h0 = b, blocks, h0
         # a rewriting row needs its positions up to its last target-predicting one (its end);
@@ -254,11 +253,22 @@ class _SuffixPass:
         for blk, (args, kwargs) in zip(blocks, calls):
             self.hidden_name, flat = _bound_call(blk, args, kwargs)
             idx = _attention_index(blk)
-            self.calls.append((idx, _layer_kv(cache, idx), flat))
+            self.calls.append((idx, kv[idx], flat))
 
     def groups(self, rows: torch.Tensor, owner: torch.Tensor, n_active: int) -> list[_Group]:
         """`owner`: per row, its request's index among the `n_active` active ones."""
-        lengths = self.length[rows]
+        lengths = self.length[rows].clone()
+        # a length with few rows is padded to the next longer one: a call per block and group
+        # costs more than a few padded positions
+        uniq, counts = torch.unique(lengths, return_counts=True)
+        pending, total = [], 0
+        for s, c in zip(uniq.tolist(), counts.tolist()):
+            pending.append(s)
+            total += c
+            if total >= _MIN_GROUP_ROWS or s == uniq[-1]:
+                for p in pending:
+                    lengths[self.length[rows] == p] = s
+                pending, total = [], 0
         # the one-hot owner matrix places delta by a matmul, whose backward (unlike an index's
         # atomic adds on CUDA) sums each request's rows in a fixed order
         onehot = F.one_hot(owner, n_active).to(self.h0.dtype)
@@ -270,7 +280,10 @@ class _SuffixPass:
         lookup = self.b.lookup[rows]
         prefix = int(lookup.max())
         steps = torch.arange(s, device=dev)
-        positions = lookup[:, None] + steps[None, :]  # (R, S) absolute positions
+        # absolute positions; a row shorter than the group reads its last real one past its end
+        # (those positions come after every real one, so no real position attends to them)
+        positions = torch.minimum(lookup[:, None] + steps[None, :],
+                                  self.b.mask.sum(1)[rows][:, None] - 1)
         # keys: the cached prefix (a slot at or after the row's own subject token is masked),
         # then the suffix, causally
         prefix_ok = torch.arange(prefix, device=dev)[None, :] < lookup[:, None]
@@ -316,9 +329,9 @@ class _SuffixPass:
         return h
 
 
-def _first_pass(lm: LoadedModel, b: "_ZBatch", z_layer: int, loss_layer: int):
-    """One no-grad pass over the whole rows: the z layer's output, the call of every block above
-    it (its arguments), the attention cache and the loss layer's output; nothing later runs."""
+def _first_pass(lm: LoadedModel, ids, mask, z_layer: int, loss_layer: int):
+    """One no-grad pass over whole rows: the z layer's output, the call of every block above it
+    (its arguments), the attention cache and the loss layer's output; nothing later runs."""
     model, spec = lm.model, lm.spec
     captured: dict = {}
     calls: list = []
@@ -341,13 +354,50 @@ def _first_pass(lm: LoadedModel, b: "_ZBatch", z_layer: int, loss_layer: int):
     handles.append(after.register_forward_pre_hook(keep_last))
     try:
         with torch.no_grad(), contextlib.suppress(StopForward):
-            model(input_ids=b.ids, attention_mask=b.mask, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
     finally:
         for h in handles:
             h.remove()
     cache = next((v for args, kwargs in calls[:1] for v in (*args, *kwargs.values())
                   if _is_cache(v)), None)
     return blocks, calls, cache, captured["h0"], captured["last"]
+
+
+def _prefix_pass(lm: LoadedModel, b: "_ZBatch", z_layer: int, loss_layer: int, parts: int = 4):
+    """The first pass for the suffix pass, over rows sorted by length in a few parts, each padded
+    only to its own longest row (the prompts of one batch differ in length by half or more).
+    Returns the blocks above z, their calls in the widest part, {attention layer: (K, V)} for
+    every row, the z layer's and the loss layer's outputs, all at the full batch's width."""
+    lengths = b.mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    width = b.ids.shape[1]
+    h0 = last = None
+    kv: dict = {}
+    widest = None
+    for rows in torch.tensor_split(order, min(parts, len(order))):
+        w = int(lengths[rows].max())
+        blocks, calls, cache, h0_p, last_p = _first_pass(lm, b.ids[rows, :w], b.mask[rows, :w],
+                                                         z_layer, loss_layer)
+        if cache is None:
+            raise _Unsupported("the model's blocks take no KV cache")
+        if h0 is None:
+            h0 = h0_p.new_zeros(len(lengths), width, h0_p.shape[-1])
+            last = last_p.new_zeros(len(lengths), width, last_p.shape[-1])
+        h0[rows, :w], last[rows, :w] = h0_p, last_p
+        for blk in blocks:
+            idx = _attention_index(blk)
+            k_p, v_p = _layer_kv(cache, idx)
+            if idx not in kv:
+                kv[idx] = (k_p.new_zeros(len(lengths), *k_p.shape[1:2], width, k_p.shape[-1]),
+                           v_p.new_zeros(len(lengths), *v_p.shape[1:2], width, v_p.shape[-1]))
+            kv[idx][0][rows, :, :w], kv[idx][1][rows, :, :w] = k_p, v_p
+        if w == width:
+            widest = calls
+    for args, kwargs in widest:  # rotary tables must be per position, not per row, to be shared
+        for name, value in kwargs.items():
+            if name == "position_embeddings" and any(t.shape[0] != 1 for t in value):
+                raise _Unsupported("per-row position embeddings")
+    return blocks, widest, kv, h0, last
 
 
 class _Heads:
@@ -375,20 +425,23 @@ class _Objective:
 
     def __init__(self, lm: LoadedModel, b: "_ZBatch", hp: MemitHparams):
         self.b = b
-        blocks, calls, cache, self.h0, last = _first_pass(lm, b, hp.layers[-1], _loss_layer(lm, hp))
-        self.blocks, self.calls = blocks, calls
         self.heads = _Heads(lm, work_dtype(lm))
         self.n = int(b.first_row.shape[0])
-        dev = self.h0.device
         self.tgt_owner = b.owner[b.tgt_row]
         self.rows_of = [torch.nonzero(b.owner == j).squeeze(1) for j in range(self.n)]
         self.tgt_of = [torch.nonzero(self.tgt_owner == j).squeeze(1) for j in range(self.n)]
-        self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
+        z_layer, loss_layer = hp.layers[-1], _loss_layer(lm, hp)
         self.suffix = None
-        if not blocks:  # z at the loss layer: nothing above it to run
-            return
         try:
-            self.suffix = _SuffixPass(lm, b, blocks, calls, cache, self.h0)
+            impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
+            if impl not in ("eager", "sdpa"):
+                raise _Unsupported(f"attention implementation {impl!r}")
+            if z_layer == loss_layer:
+                raise _Unsupported("z is read at the loss layer: there is no block above it")
+            blocks, calls, kv, self.h0, last = _prefix_pass(lm, b, z_layer, loss_layer)
+            self.suffix = _SuffixPass(lm, b, blocks, calls, kv, self.h0)
+            dev = self.h0.device
+            self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
             with torch.no_grad():
                 zero = torch.zeros(self.n, self.h0.shape[-1], dtype=self.heads.dtype, device=dev)
                 logp, _, tgt = self.forward(zero, torch.arange(self.n, device=dev))
@@ -398,8 +451,12 @@ class _Objective:
             if not err <= _SUFFIX_TOLERANCE.get(self.h0.dtype, 5e-2):
                 raise _Unsupported(f"it differs from whole rows by {err:.3g} in log p(target)")
         except _Unsupported as why:
-            log.warning("z: suffix-only pass unavailable (%s); every step runs whole rows", why)
+            if z_layer != loss_layer:
+                log.warning("z: suffix-only pass unavailable (%s); every step runs whole rows", why)
             self.suffix = None
+            self.blocks, self.calls, _, self.h0, _ = _first_pass(lm, b.ids, b.mask, z_layer,
+                                                                 loss_layer)
+            self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
 
     def forward(self, delta: torch.Tensor, active: torch.Tensor):
         b, dev = self.b, self.h0.device

@@ -68,12 +68,12 @@ def test_fast_z_equals_the_independent_reference(kind, attn, caplog):
         fast = compute_z(lm, REQUESTS, HP, TEMPLATES)
     handle.remove()
     assert "suffix-only pass unavailable" not in caplog.text
-    # whole rows run once per chunk (no grad); the optimisation steps see only the suffixes:
-    # far fewer positions than the same steps over whole padded rows
+    # whole rows run once per chunk (in parts of like length); the optimisation steps see only
+    # the suffixes: far fewer positions than the same steps over the whole rows
     whole = [r * w for r, w, suffix in seen if not suffix]
     stepped = sum(r * w for r, w, suffix in seen if suffix)
-    assert len(whole) == 2  # one first pass per chunk of three requests
-    assert stepped < 0.25 * sum(whole) * HP.v_num_grad_steps
+    assert 2 <= len(whole) <= 8  # one first pass per chunk of three requests, in <= 4 parts
+    assert stepped < 0.5 * sum(whole) * HP.v_num_grad_steps
     # sdpa runs float64 throughout; Llama's eager attention takes its softmax in float32 even
     # for a float64 model, so fewer keys (the cached prefix) round differently there
     tol = 1e-9 if attn == "sdpa" or kind == "gpt2" else 1e-6
