@@ -269,7 +269,13 @@ class CollabEditStrategy(EditStrategy):
     needs = ("rkt", "kkt")
 
     def merger(self, layer: int):
-        # covariance() builds a fresh C for this merge alone: it becomes the merge's work array
+        # covariance() builds a fresh C for this merge alone, which becomes its work array. With
+        # several layers in the exchange C is built only when the layer's dense fold begins (at
+        # its result, while the clients' factors are smaller), so one layer's d_in x d_in arrays
+        # exist at a time; with one layer, payloads are folded as they come (no compact copy)
+        if len(self._stage) > 1:
+            return make_merge(self.name, cov=lambda: self.covariance(layer),
+                              name=f"layer {layer}", dim=self.shapes[layer][1])
         return make_merge(self.name, cov=self.covariance(layer), name=f"layer {layer}",
                           overwrite_cov=True)
 

@@ -196,22 +196,92 @@ class CollabEdit(Merge):
     once (Cholesky, in place): that factorisation is the solve and the conditioning check.
     `cov` is copied into `system` at the first payload, or, with `overwrite_cov=True` (the
     caller hands over a fresh C it will not use again), becomes it: one d_in x d_in array less.
+
+    `cov` may instead be a zero-argument callable returning a fresh C (with `dim`): then C is
+    built only when the dense fold begins, and factored payloads are not folded at once: while
+    the factors received so far take fewer numbers than `system` and `rhs` would, they are kept
+    as two growing arrays [F_1 F_2 ...] and [G_1 G_2 ...] (sized by the edits, not by how many
+    clients sent them) and folded at `result`, or when they would outgrow the dense form. A
+    server merging several layers that calls their results one after another then holds one
+    layer's dense work arrays at a time. With C given as an array, every payload is folded
+    at once (no compact copy: the cheaper choice when there is one layer).
     """
 
     needs = ("rkt", "kkt")
 
-    def __init__(self, cov: np.ndarray, *, name: str | None = None, max_cond: float = 1e12,
-                 overwrite_cov: bool = False):
+    def __init__(self, cov, *, name: str | None = None, max_cond: float = 1e12,
+                 overwrite_cov: bool = False, dim: int | None = None):
         super().__init__(name)
-        self.cov = np.asarray(cov, dtype=np.float64)
-        if self.cov.ndim != 2 or self.cov.shape[0] != self.cov.shape[1]:
-            raise ValueError(f"cov must be square, got shape {self.cov.shape}")
+        self._cov_factory = cov if callable(cov) else None
+        self.compact = self._cov_factory is not None  # keep factors compact until the result
+        if self._cov_factory is not None:  # a fresh C, built when the dense fold begins
+            if dim is None:
+                raise ValueError("a covariance factory needs dim (d_in)")
+            self.cov, self.dim, self.overwrite_cov = None, int(dim), True
+        else:
+            self.cov = np.asarray(cov, dtype=np.float64)
+            if self.cov.ndim != 2 or self.cov.shape[0] != self.cov.shape[1]:
+                raise ValueError(f"cov must be square, got shape {self.cov.shape}")
+            self.dim, self.overwrite_cov = self.cov.shape[0], overwrite_cov
         self.max_cond = max_cond
-        self.overwrite_cov = overwrite_cov
-        self.dim = self.cov.shape[0]
-        self.system: np.ndarray | None = None  # allocated at the first payload
+        self.system: np.ndarray | None = None  # allocated when the dense fold begins
         self.rhs: np.ndarray | None = None
+        self.d_out: int | None = None
+        # compact factors awaiting the dense fold: columns [:cols] of two growing arrays
+        self.f_buf: np.ndarray | None = None
+        self.g_buf: np.ndarray | None = None
+        self.cols = 0
         self._merged: np.ndarray | None = None
+
+    def _materialise_cov(self) -> np.ndarray:
+        if self.cov is None:
+            self.cov = np.asarray(self._cov_factory(), dtype=np.float64)
+            if self.cov.shape != (self.dim, self.dim):
+                self._fail(f"covariance shape {self.cov.shape} != {(self.dim, self.dim)}")
+            self._cov_factory = None
+        return self.cov
+
+    def _begin_dense(self) -> None:
+        """Allocate C + sum S and (sum R K^T)^T, and fold the compact factors kept so far."""
+        d = self.dim
+        cov = self._materialise_cov()
+        # C is symmetric: the transpose of a C-ordered C is a Fortran-ordered C (no reorder)
+        src = cov.T if cov.flags.c_contiguous else cov
+        self.system = np.asfortranarray(src) if self.overwrite_cov else np.array(
+            src, order="F", copy=True)
+        self.cov = None if self.overwrite_cov else self.cov
+        self.rhs = np.zeros((d, self.d_out), order="F")
+        if self.cols:
+            self._fold_factors(self.f_buf[:, :self.cols], self.g_buf[:, :self.cols])
+        self.f_buf = self.g_buf = None
+        self.cols = 0
+
+    def _fold_factors(self, factor: np.ndarray, rkt_factor: np.ndarray) -> None:
+        # BLAS wants Fortran order: a C-ordered F is a Fortran-ordered F^T, so pass that and
+        # transpose in BLAS instead of copying F
+        a, trans = (factor.T, 1) if factor.flags.c_contiguous else (factor, 0)
+        blas.dsyrk(1.0, a, beta=1.0, c=self.system, trans=trans, lower=1, overwrite_c=1)
+        b, tb = (rkt_factor.T, 0) if rkt_factor.flags.c_contiguous else (rkt_factor, 1)
+        blas.dgemm(1.0, a, b, beta=1.0, c=self.rhs, trans_a=trans, trans_b=tb, overwrite_c=1)
+
+    def _keep_compact(self, factor: np.ndarray, rkt_factor: np.ndarray) -> bool:
+        """Append F, G to the compact arrays if they stay smaller than the dense form."""
+        d, r = self.dim, factor.shape[1]
+        need = self.cols + r
+        # compact while the factors' (d + d_out) x cols numbers stay below the dense d x (d + d_out)
+        if not self.compact or self.system is not None or need > d:
+            return False
+        if self.f_buf is None or need > self.f_buf.shape[1]:  # grow by half: amortised copies
+            cap = min(max(need, int(1.5 * (0 if self.f_buf is None else self.f_buf.shape[1]))), d)
+            f_new, g_new = np.empty((d, cap)), np.empty((self.d_out, cap))
+            if self.cols:
+                f_new[:, :self.cols] = self.f_buf[:, :self.cols]
+                g_new[:, :self.cols] = self.g_buf[:, :self.cols]
+            self.f_buf, self.g_buf = f_new, g_new
+        self.f_buf[:, self.cols:need] = factor
+        self.g_buf[:, self.cols:need] = rkt_factor
+        self.cols = need
+        return True
 
     def _fail(self, why):
         raise ValueError(f"layer {self.name!r}: {why}")
@@ -246,8 +316,11 @@ class CollabEdit(Merge):
         elif "rkt" in payload:
             rkt_t, rkt_factor = np.asarray(payload["rkt"], dtype=np.float64).T, None
         elif "delta" in payload or "delta-left" in payload:
-            if self.overwrite_cov:
+            if self.overwrite_cov and self._cov_factory is None:
                 self._fail("a delta payload needs C itself, which overwrite_cov=True gives away")
+            if self._cov_factory is not None:  # keep C: a copy becomes the work array
+                self._materialise_cov()
+                self.overwrite_cov = False
             delta_t = delta_dense(payload).T
             s_delta = (factor @ (factor.T @ delta_t) if factor is not None
                        else _square_kkt(square).astype(np.float64) @ delta_t)
@@ -256,20 +329,19 @@ class CollabEdit(Merge):
             raise KeyError(f"layer {self.name!r}: CollabEdit needs 'rkt' or 'delta' with 'kkt'")
         d_out = (rkt_factor.shape[0] if rkt_factor is not None else rkt_t.shape[1])
         if (rkt_t is not None and rkt_t.shape[0] != d) or (
-                self.rhs is not None and self.rhs.shape[1] != d_out):
+                self.d_out is not None and self.d_out != d_out):
             self._fail(f"R K^T has {d_out} rows and {d if rkt_t is None else rkt_t.shape[0]} "
                        f"columns; expected {d} columns"
-                       + ("" if self.rhs is None else f" and {self.rhs.shape[1]} rows"))
+                       + ("" if self.d_out is None else f" and {self.d_out} rows"))
+        self.d_out = d_out
+        if rkt_factor is not None and self._keep_compact(factor, rkt_factor):
+            return
         if self.system is None:
-            # C is symmetric: the transpose of a C-ordered C is a Fortran-ordered C (no reorder)
-            src = self.cov.T if self.cov.flags.c_contiguous else self.cov
-            self.system = np.asfortranarray(src) if self.overwrite_cov else np.array(
-                src, order="F", copy=True)
-            self.cov = None if self.overwrite_cov else self.cov
-            self.rhs = np.zeros((d, d_out), order="F")
+            self._begin_dense()
+        if rkt_factor is not None:  # syrk and gemm: S += F F^T, rhs += F G^T
+            self._fold_factors(factor, rkt_factor)
+            return
         if factor is not None:
-            # BLAS wants Fortran order: a C-ordered F is a Fortran-ordered F^T, so pass that and
-            # transpose in BLAS instead of copying F
             a, trans = (factor.T, 1) if factor.flags.c_contiguous else (factor, 0)
             blas.dsyrk(1.0, a, beta=1.0, c=self.system, trans=trans, lower=1, overwrite_c=1)
         elif square.ndim == 1:  # packed row i = S[i, i:] = column i of the lower triangle
@@ -279,16 +351,13 @@ class CollabEdit(Merge):
                 off += d - i
         else:
             self.system += square
-        if rkt_factor is not None:  # rhs += F G^T
-            a, ta = (factor.T, 1) if factor.flags.c_contiguous else (factor, 0)
-            b, tb = (rkt_factor.T, 0) if rkt_factor.flags.c_contiguous else (rkt_factor, 1)
-            blas.dgemm(1.0, a, b, beta=1.0, c=self.rhs, trans_a=ta, trans_b=tb, overwrite_c=1)
-        else:
-            self.rhs += rkt_t
+        self.rhs += rkt_t
 
     def _result(self):
         if self._merged is not None:
             return self._merged
+        if self.system is None:
+            self._begin_dense()
         where = f"layer {self.name!r}" if self.name else "layer"
         anorm = _one_norm_lower(self.system)
         try:

@@ -203,3 +203,34 @@ def test_dynamic_covariance_broadcasts_past_kkt_in_the_payload_form(tiny, tmp_pa
     # round 1: 2 clients x 2 edits, summed as a factor of rank 4 (or packed, dense)
     assert {tuple(v.shape) for f in past.values() for v in f.values()} == (
         {(d_in, 4)} if form == "factored" else {(d_in * (d_in + 1) // 2,)})
+
+
+def test_server_builds_one_layers_dense_arrays_at_a_time(tiny, tmp_path, monkeypatch):
+    """Factored replies are kept compact while they are folded; each layer's C (and with it
+    C + sum K K^T and R K^T's sum) is built only at that layer's solve, after the previous one."""
+    from strategies.flower import CollabEditStrategy
+    from strategies.merge import CollabEdit
+
+    events = []
+    covariance, result = CollabEditStrategy.covariance, CollabEdit._result
+
+    class EventGrid(InProcessGrid):
+        def pull_messages(self, message_ids):
+            for reply in super().pull_messages(message_ids):
+                events.append("reply")
+                yield reply
+
+    def traced_cov(self, layer):
+        events.append(f"C {layer}")
+        return covariance(self, layer)
+
+    def traced_result(self):
+        out = result(self)
+        events.append(f"solved {self.name}")
+        return out
+
+    monkeypatch.setattr(CollabEditStrategy, "covariance", traced_cov)
+    monkeypatch.setattr(CollabEdit, "_result", traced_result)
+    run(tmp_path, grid_cls=EventGrid, strategy="collabedit")
+    train = events[:events.index("solved layer 2") + 1]
+    assert train == ["reply"] * 4 + ["C 1", "solved layer 1", "C 2", "solved layer 2"]

@@ -178,3 +178,49 @@ def test_dynamic_cov_from_a_factored_running_sum():
     mixed = add_psd(add_psd(None, pack_symmetric(clients[0]["kkt"])),
                     payload.factor_layer({"kkt": clients[1]["kkt"]}))
     assert rel_err(kkt_square(mixed), clients[0]["kkt"] + clients[1]["kkt"]) <= 1e-13
+
+
+def test_factored_payloads_stay_compact_until_the_result_and_c_is_built_then():
+    cov, clients = setup(10, n_clients=4)  # ranks 2 + 3 + 4 + 5 = 14 < d_in = 40
+    built = []
+
+    def make_cov():
+        built.append(1)
+        return cov.copy()
+
+    acc = CollabEdit(make_cov, dim=D_IN, name="layer 3")
+    for c in clients:
+        acc.add(payload.factor_layer(dense_fields(c, ("rkt", "kkt"))))
+        assert acc.system is None and acc.rhs is None and not built  # no d_in x d_in array yet
+    assert acc.cols == 14 and acc.f_buf.shape[0] == D_IN
+    expected = collabedit([c["kkt"] for c in clients], cov, rkts=[c["rkt"] for c in clients])
+    assert rel_err(acc.result(), expected) <= 1e-10 and built == [1]
+    assert acc.system is None and acc.f_buf is None
+
+
+def test_compact_factors_turn_dense_once_they_would_be_larger():
+    cov, clients = setup(11, n_clients=8)  # ranks 2..9, 44 in all > d_in = 40
+    acc = CollabEdit(lambda: cov.copy(), dim=D_IN)
+    states = []
+    for c in clients:
+        acc.add(payload.factor_layer(dense_fields(c, ("rkt", "kkt"))))
+        states.append(acc.system is not None)
+    assert states[0] is False and states[-1] is True and acc.f_buf is None
+    expected = collabedit([c["kkt"] for c in clients], cov, rkts=[c["rkt"] for c in clients])
+    assert rel_err(acc.result(), expected) <= 1e-10
+    # a dense payload after compact ones folds them first
+    acc = CollabEdit(lambda: cov.copy(), dim=D_IN)
+    acc.add(payload.factor_layer(dense_fields(clients[0], ("rkt", "kkt"))))
+    acc.add(dense_fields(clients[1], ("rkt", "kkt")))
+    acc.add(payload.factor_layer(dense_fields(clients[2], ("rkt", "kkt"))))
+    expected = collabedit([c["kkt"] for c in clients[:3]], cov,
+                          rkts=[c["rkt"] for c in clients[:3]])
+    assert rel_err(acc.result(), expected) <= 1e-10
+    # a delta (R K^T = Delta (C + S)) needs C itself: the factory's C is kept, a copy is worked on
+    acc = CollabEdit(lambda: cov.copy(), dim=D_IN)
+    acc.add(payload.factor_layer(dense_fields(clients[0], ("delta", "kkt"))))
+    acc.add(payload.factor_layer(dense_fields(clients[1], ("rkt", "kkt"))))
+    acc.add(payload.factor_layer(dense_fields(clients[2], ("delta", "kkt"))))
+    expected = collabedit([c["kkt"] for c in clients[:3]], cov,
+                          rkts=[c["rkt"] for c in clients[:3]])
+    assert rel_err(acc.result(), expected) <= 1e-10
