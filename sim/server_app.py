@@ -9,6 +9,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -63,7 +64,9 @@ def build_strategy(name: str, cfg: RunConfig, ws: Workspace, num_clients: int) -
     if cfg.editor == "malmen":  # C = e^lam I, learned per layer with the network
         lam_c0 = {l: c.numpy() for l, c in ws.base_covariance().items()}
     else:
-        lam_c0 = {l: (ws.hp.mom2_update_weight * ws.second_moments[l]).numpy() for l in layers}
+        # built per layer when a merge needs it, not held for every layer beside the
+        # workspace's own second moments (two d_in x d_in arrays per layer at GPT-J's size)
+        lam_c0 = PerLayer(layers, lambda l: (ws.hp.mom2_update_weight * ws.second_moments[l]).numpy())
     return STRATEGIES[name](
         layers=layers, shapes={l: tuple(weight(ws.lm.model, ws.lm.spec, l).shape) for l in layers},
         lam_c0=lam_c0, beta0=cfg.beta0, beta1=cfg.beta1, protocol=cfg.protocol,
@@ -72,6 +75,24 @@ def build_strategy(name: str, cfg: RunConfig, ws: Workspace, num_clients: int) -
         # MEMIT has one key per request; an editor with more keys per request (MALMEN: one per
         # answer token) leaves the rank unbounded
         max_rank=cfg.edits_per_client if cfg.editor == "memit" else None)
+
+
+class PerLayer(Mapping):
+    """{layer: value} computed on each access from `make(layer)`, never stored."""
+
+    def __init__(self, layers, make):
+        self._layers, self._make = list(layers), make
+
+    def __getitem__(self, layer):
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return self._make(layer)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self):
+        return len(self._layers)
 
 
 def central_editor(cfg: RunConfig, ws: Workspace, num_clients: int):
