@@ -131,8 +131,8 @@ def serve(args, work: Path, n_clients: int, dtype: str) -> dict:
     edits = args.total_edits // n_clients
     t = {"validate": 0.0, "fold": 0.0}
     t0 = time.perf_counter()
-    # as EditStrategy: it holds lam C0 for the run and hands each merge a fresh C (covariance())
-    # that becomes the merge's work array
+    # as the ServerApp: its workspace holds C0 for the run, and each merge gets a fresh C
+    # (EditStrategy.covariance) that becomes the merge's work array
     lam_c0 = server_cov(args.d_in, args.seed)
     acc = CollabEdit(lam_c0.copy(), name="bench layer", overwrite_cov=True)
     t_cov = time.perf_counter() - t0
