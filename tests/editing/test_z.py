@@ -139,3 +139,10 @@ def test_cached_z_is_the_computed_z(tmp_path):
     first = compute_z(lm, REQUESTS, HP, TEMPLATES, cache=tmp_path)
     again = compute_z(lm, REQUESTS, HP, TEMPLATES, cache=tmp_path)
     assert torch.equal(first.z, again.z) and torch.equal(first.steps, again.steps)
+
+
+def test_z_is_bitwise_reproducible_on_the_cpu():
+    lm = sharp_lm("llama", dtype=torch.float32)
+    first = compute_z(lm, REQUESTS, HP, TEMPLATES)
+    again = compute_z(lm, REQUESTS, HP, TEMPLATES)
+    assert torch.equal(first.z, again.z) and torch.equal(first.p_target, again.p_target)
