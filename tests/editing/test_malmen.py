@@ -1,5 +1,6 @@
 """MALMEN on tiny random GPT-2 (Conv1D, no BOS) and Llama (Linear, BOS) models, in float64."""
 
+import dataclasses
 import json
 
 import pytest
@@ -202,3 +203,16 @@ def test_edit_refuses_an_unfrozen_normaliser():
     lm = lm_for("gpt2")
     with pytest.raises(ValueError, match="not frozen"):
         malmen.edit(lm, REQUESTS, malmen.new_net(lm, HP))
+
+
+def test_interrupted_training_resumes_to_the_same_network(tmp_path):
+    lm = lm_for("gpt2")
+    data = records()
+    straight, _ = train(lm, HP, data, progress=False, estimate=False)
+    ckpt = tmp_path / "run.ckpt"
+    half = dataclasses.replace(HP, steps=4)  # stands in for a run killed after its step-4 checkpoint
+    train(lm, half, data, checkpoint=ckpt, progress=False, estimate=False)
+    resumed, record = train(lm, HP, data, checkpoint=ckpt, progress=False, estimate=False)
+    assert [h["step"] for h in record["history"]] == [0, 4, 8]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
