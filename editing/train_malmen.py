@@ -262,7 +262,7 @@ def open_malmen_workspace(model: str = "smollm2", *, dtype: str = "float32", dev
         lm = load_model(model, device=device or None, dtype=dtype)
         hp = malmen_preset(lm).with_overrides(layers=layers or None)
         net, _ = get_trained(lm, hp, train_if_missing=train_if_missing)
-        net = net.to(lm.device)
+        net = net.to(lm.device).requires_grad_(False)  # editing never trains it
         _OPEN[key] = MalmenWorkspace(lm=lm, hp=hp, net=net)
     return _OPEN[key]
 
