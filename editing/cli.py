@@ -91,7 +91,8 @@ def run_malmen_edit(*, model, dataset, dataset_path, n, offset, layers, dtype, d
     return {
         "model": describe(ws.lm), "editor": "malmen", "dataset": dataset,
         "dataset_path": dataset_path, "requests": len(requests), "offset": offset, "seed": seed,
-        "hparams": ws.hp.to_dict(), "lam": {l: float(ws.net.lam[ws.net.index(l)].detach()) for l in ws.net.layers},
+        "hparams": ws.hp.to_dict(),
+        "lam": {l: float(ws.net.lam[ws.net.index(l)].detach()) for l in ws.net.layers},
         "pre": pre.summary(), "post": post.summary(),
         "keys_per_layer": len(next(iter(result.layers.values())).residual_norms),
         "seconds": {"load": t1 - t0, "pre_eval": t2 - t1, "edit": t3 - t2, **result.seconds,
