@@ -94,7 +94,8 @@ class RunConfig:
         if bad:
             raise ValueError(f"unknown strategy {bad}; choose from {STRATEGIES} or 'all'")
         choices = {"editor": ("memit", "malmen"), "edit_mode": ("sequential", "parallel"),
-                   "protocol": ("one-shot", "layerwise"), "partition": ("contiguous", "random"), "z_model": ("current", "base"),
+                   "protocol": ("one-shot", "layerwise"), "partition": ("contiguous", "random"),
+                   "z_model": ("current", "base"),
                    "eval_scope": ("edited", "first"), "payload": ("factored", "dense"),
                    "payload_dtype": ("float64", "float32")}
         for key, allowed in choices.items():
