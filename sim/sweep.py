@@ -50,10 +50,10 @@ PRESETS: dict[str, dict] = {
     },
     "malmen": {
         "title": "Table 3: every strategy on MALMEN, 8 clients, zsRE",
-        "scale": "8 clients x 8 zsRE edits on SmolLM2-135M (paper: 8 x 125 on GPT2-XL / GPT-J); "
-                 "the network from python -m editing.train_malmen",
+        "scale": "8 clients x 8 and 8 x 16 zsRE edits on SmolLM2-135M (paper: 8 x 125 on "
+                 "GPT2-XL / GPT-J); the network from python -m editing.train_malmen",
         "base": {"strategy": "all", "dataset": "zsre", "editor": "malmen"},
-        "grid": {"edits-per-client": [8]}, "clients": [8], "x": "edits-per-client",
+        "grid": {"edits-per-client": [8, 16]}, "clients": [8], "x": "edits-per-client",
     },
     # Experiments that are not a grid of comparison runs name a module with
     # `run(spec: dict, out: Path) -> str` (writes summary.csv, summary.md and PNGs into `out`,
