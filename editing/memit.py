@@ -454,8 +454,13 @@ class _Objective:
             if z_layer != loss_layer:
                 log.warning("z: suffix-only pass unavailable (%s); every step runs whole rows", why)
             self.suffix = None
-            self.blocks, self.calls, _, self.h0, _ = _first_pass(lm, b.ids, b.mask, z_layer,
-                                                                 loss_layer)
+            blocks, calls, _, self.h0, _ = _first_pass(lm, b.ids, b.mask, z_layer, loss_layer)
+            # bound once, not every step; the first pass's cache must not be appended to again
+            self.calls = []
+            for blk, (args, kwargs) in zip(blocks, calls):
+                name, flat = _bound_call(blk, args, kwargs)
+                self.calls.append((blk, name, {k: (None if _is_cache(v) else v)
+                                               for k, v in flat.items()}))
             self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
 
     def forward(self, delta: torch.Tensor, active: torch.Tensor):
@@ -481,9 +486,7 @@ class _Objective:
         b, h0 = self.b, self.h0
         rows = torch.arange(len(b.owner), device=h0.device)
         h = h0.index_put((rows, b.lookup), h0[rows, b.lookup] + delta[b.owner].to(h0.dtype))
-        for blk, (args, kwargs) in zip(self.blocks, self.calls):
-            name, flat = _bound_call(blk, args, kwargs)
-            flat = {k: (None if _is_cache(v) else v) for k, v in flat.items()}
+        for blk, name, flat in self.calls:
             h = _block_output(blk(**{name: h}, **flat))
         t_logp = self.heads(h[b.tgt_row[tgt], b.tgt_pos[tgt]])
         kl_logp = self.heads(h[b.kl_row[active], b.lookup[b.kl_row[active]]])
