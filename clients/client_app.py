@@ -21,7 +21,8 @@ from editing.memit import compute_z, edit, layer_edit
 from editing.update import applied
 from editing.models import cache_dir
 from editing.workspace import Workspace, agreement_differences
-from sim.config import RunConfig, base_targets, edited_so_far, run_workspace, split_requests
+from sim.config import (RunConfig, base_targets, edited_so_far, party_requests, run_workspace,
+                        split_requests)
 from strategies import payload
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,22 @@ def workspace(cfg: RunConfig) -> Workspace:
 
 
 def _identity(context: Context) -> tuple[int, int]:
-    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"node {context.node_id}: node config needs integer partition-id and "
+                         f"num-partitions, got {dict(context.node_config)}") from err
+
+
+def _rounds(cfg: RunConfig, context: Context, pid: int, n: int) -> list[list]:
+    """This party's requests, [round] -> requests: its partition of the shared dataset, or
+    (requests-from="node") its own file, named by its node config."""
+    if cfg.requests_from == "dataset":
+        return split_requests(cfg, n)[pid]
+    path = context.node_config.get("requests-path")
+    if not path:
+        raise ValueError(f"client {pid}: requests-from=\"node\" needs node config requests-path")
+    return party_requests(cfg, str(path), f"client {pid}")
 
 
 def _global_deltas(msg: Message) -> dict[int, torch.Tensor]:
@@ -56,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     stage = [int(x) for x in str(config["layers"]).split(",")]
     ws = workspace(cfg)
     _check_agreement(pid, config, ws)
-    requests = split_requests(cfg, n)[pid][rnd - 1]
+    requests = _rounds(cfg, context, pid, n)[rnd - 1]
     past = ({l: torch.from_numpy(payload.dense(f)["kkt"])
              for l, f in payload.decode(msg.content["past-kkt"]).items()}
             if "past-kkt" in msg.content.array_records else None)
@@ -125,14 +141,22 @@ def _rewrite_success(ws: Workspace, requests) -> float:
     return res.summary().get("es", float("nan"))
 
 
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Who this party is (its partition id), so the server can name it in every record."""
+    pid, _ = _identity(context)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     pid, n = _identity(context)
     rnd = int(msg.content["config"]["server-round"])
     ws = workspace(cfg)
-    first = edited_so_far(cfg, n, pid, 1)
-    later = [] if cfg.eval_scope == "first" else edited_so_far(cfg, n, pid, rnd)[len(first):]
+    rounds = _rounds(cfg, context, pid, n)
+    first = edited_so_far(rounds, 1)
+    later = [] if cfg.eval_scope == "first" else edited_so_far(rounds, rnd)[len(first):]
     deltas = _global_deltas(msg)
     if all(not d.any() for d in deltas.values()):
         # the unedited model: its scores are cached per model and request set

@@ -205,6 +205,30 @@ def load_requests(
     return requests[offset : None if limit is None else offset + limit]
 
 
+def source_records(name: str, path: str | Path | None, requests: Sequence[EditRequest]) -> list[dict]:
+    """The dataset's own records behind `requests`, as the file holds them (to hand a party a file
+    of its own in the dataset's format)."""
+    records = _read_records(resolve_dataset(name, path))
+    by_id = {_case_id(r, i): r for i, r in enumerate(records)}
+    by_index = {str(i): r for i, r in enumerate(records)}
+    out = []
+    for req in requests:
+        record = (by_index if name == "zsre" else by_id).get(req.case_id)
+        if record is None:
+            raise DataError(f"{name}: no record with case_id {req.case_id}")
+        out.append(_without_none(record))
+    return out
+
+
+def _without_none(value):
+    """Undo the None that `datasets` fills into keys a record lacked."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
 def _read_records(file: Path) -> list[dict]:
     import datasets  # imported here: modules that only need EditRequest should not pay for pyarrow
 

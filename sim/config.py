@@ -31,6 +31,11 @@ class RunConfig:
     dataset_path: str = ""
     data_dir: str = ""  # a directory laid out like ../shared/data (also COLLABEDIT_DATA)
     partition: str = "contiguous"  # or "random" (seeded)
+    # where a party's requests come from: "dataset" = its partition of `dataset` (every party
+    # and the server derive the same split from the run config; simulation); "node" = its own
+    # file, named by its SuperNode's node config `requests-path` (deployment: the server never
+    # sees it and learns request counts from replies only; GLOBAL cannot run)
+    requests_from: str = "dataset"
     edits_per_client: int = 4  # per client and round
     num_server_rounds: int = 1
     # the party's editor: "memit" (z optimisation + least squares against lam C0) or "malmen"
@@ -64,6 +69,9 @@ class RunConfig:
     seed: int = 0
     results_dir: str = ""  # "" = $COLLABEDIT_RESULTS, else ./results/runs (of the ServerApp process)
     run_name: str = ""  # "" = <strategy>-<dataset>-<timestamp>
+    save_deltas: bool = False  # write each strategy's merged deltas (safetensors) beside the summary
+    # continue the interrupted run `run-name` from its last finished round (sim/checkpoint.py)
+    resume: bool = False
     fail_clients: str = ""  # testing aid: partition ids whose train raises (robustness drills)
     # how clients send K K^T, R K^T and Delta (strategies/payload.py): "factored" = exact factors
     # of rank <= edits, (d_in + d_out) x edits numbers per layer (dense where that is smaller);
@@ -97,7 +105,7 @@ class RunConfig:
                    "protocol": ("one-shot", "layerwise"), "partition": ("contiguous", "random"),
                    "z_model": ("current", "base"),
                    "eval_scope": ("edited", "first"), "payload": ("factored", "dense"),
-                   "payload_dtype": ("float64", "float32")}
+                   "payload_dtype": ("float64", "float32"), "requests_from": ("dataset", "node")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')} must be one of {allowed}, "
@@ -110,6 +118,11 @@ class RunConfig:
         if self.editor == "malmen" and (self.protocol != "one-shot" or self.z_model != "current"):
             raise ValueError('editor="malmen" reads every layer\'s keys in one pass and has no z: '
                              'use protocol="one-shot" and z-model="current"')
+        if self.requests_from == "node" and "global" in self.strategies:
+            raise ValueError('strategy "global" edits every request on the server, which with '
+                             'requests-from="node" never sees them: leave it out')
+        if self.resume and not self.run_name:
+            raise ValueError("resume=true continues a named run: give its run-name")
         if not 0 <= self.repeat_fraction <= 1:
             raise ValueError(f"repeat-fraction must be in [0, 1], got {self.repeat_fraction}")
         if not 0 < self.ties_density <= 1:
@@ -142,6 +155,10 @@ class RunConfig:
 
 def _cast(key: str, value, kind: str):
     """Flower run config is TOML: refuse lossy conversions (2.5 edits) instead of truncating."""
+    if kind == "bool":
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            return value if isinstance(value, bool) else str(value).lower() == "true"
+        raise ValueError(f"run-config {key} must be true or false, got {value!r}")
     if kind == "int":
         if isinstance(value, bool) or float(value) != int(float(value)):
             raise ValueError(f"run-config {key} must be an integer, got {value!r}")
@@ -160,22 +177,45 @@ def split_requests(cfg: RunConfig, num_clients: int) -> list[list[list[EditReque
     if cfg.data_dir:  # one place for every reader (benchmarks and Wikipedia text alike)
         os.environ["COLLABEDIT_DATA"] = cfg.data_dir
     if key not in _SPLITS:
-        repeats = repeats_per_round(cfg)
-        fresh = cfg.edits_per_client + (cfg.num_server_rounds - 1) * (cfg.edits_per_client - repeats)
-        total = num_clients * fresh
+        total = num_clients * requests_needed(cfg)
         requests = load_requests(cfg.dataset, cfg.dataset_path or None, limit=total,
                                  **dataset_options(cfg.dataset))
         if len(requests) < total:
             raise ValueError(f"{cfg.dataset} has {len(requests)} usable records; {num_clients} "
                              f"clients x {cfg.num_server_rounds} rounds of {cfg.edits_per_client} "
-                             f"edits ({repeats} repeated per later round) need {total}")
-        split = []
-        for part in partition(requests, num_clients, mode=cfg.partition, seed=cfg.seed):
-            first, rest = part[:cfg.edits_per_client], part[cfg.edits_per_client:]
-            new = cfg.edits_per_client - repeats
-            later = chunks(rest, new) if new else [[]] * (cfg.num_server_rounds - 1)
-            split.append([first] + [first[:repeats] + c for c in later])
-        _SPLITS[key] = split
+                             f"edits ({repeats_per_round(cfg)} repeated per later round) need {total}")
+        _SPLITS[key] = [by_round(cfg, part) for part in
+                        partition(requests, num_clients, mode=cfg.partition, seed=cfg.seed)]
+    return _SPLITS[key]
+
+
+def requests_needed(cfg: RunConfig) -> int:
+    """Distinct requests one party edits over the run."""
+    return cfg.edits_per_client + (cfg.num_server_rounds - 1) * (
+        cfg.edits_per_client - repeats_per_round(cfg))
+
+
+def by_round(cfg: RunConfig, part: list[EditRequest]) -> list[list[EditRequest]]:
+    """One party's requests, in order, as [round] -> the requests it edits in that round."""
+    repeats = repeats_per_round(cfg)
+    first, rest = part[:cfg.edits_per_client], part[cfg.edits_per_client:]
+    new = cfg.edits_per_client - repeats
+    later = chunks(rest, new) if new else [[]] * (cfg.num_server_rounds - 1)
+    return [first] + [first[:repeats] + c for c in later][:cfg.num_server_rounds - 1]
+
+
+def party_requests(cfg: RunConfig, path: str, party: str) -> list[list[EditRequest]]:
+    """requests-from="node": the party's own file, [round] -> requests; a file too short for the
+    run is refused naming it (a party never edits fewer requests than the run config says)."""
+    key = ("node", cfg.dataset, path, cfg.edits_per_client, cfg.num_server_rounds,
+           cfg.repeat_fraction)
+    if key not in _SPLITS:
+        requests = load_requests(cfg.dataset, path, **dataset_options(cfg.dataset))
+        if len(requests) < requests_needed(cfg):
+            raise ValueError(f"{party}: {path} has {len(requests)} usable {cfg.dataset} records; "
+                             f"{cfg.num_server_rounds} round(s) of {cfg.edits_per_client} edits "
+                             f"need {requests_needed(cfg)}")
+        _SPLITS[key] = by_round(cfg, requests[:requests_needed(cfg)])
     return _SPLITS[key]
 
 
@@ -186,10 +226,10 @@ def repeats_per_round(cfg: RunConfig) -> int:
     return max(1, round(cfg.repeat_fraction * cfg.edits_per_client))
 
 
-def edited_so_far(cfg: RunConfig, num_clients: int, pid: int, rnd: int) -> list[EditRequest]:
-    """A client's distinct requests of rounds 1..rnd (a repeated request counts once)."""
+def edited_so_far(rounds: list[list[EditRequest]], rnd: int) -> list[EditRequest]:
+    """A party's distinct requests of rounds 1..rnd (a repeated request counts once)."""
     seen: dict[str, EditRequest] = {}
-    for chunk in split_requests(cfg, num_clients)[pid][:rnd]:
+    for chunk in rounds[:rnd]:
         for r in chunk:
             seen.setdefault(r.case_id, r)
     return list(seen.values())

@@ -14,7 +14,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import evaluate_global, train
+from clients.client_app import evaluate_global, identify, train
 
 
 class InProcessGrid(Grid):
@@ -60,7 +60,8 @@ class InProcessGrid(Grid):
             msg = self._queue.pop(mid, None)
             if msg is None:
                 continue
-            handler = train if msg.metadata.message_type == MessageType.TRAIN else evaluate_global
+            handler = {MessageType.TRAIN: train, MessageType.QUERY: identify}.get(
+                msg.metadata.message_type, evaluate_global)
             try:
                 reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as err:  # what the Flower runtime does with a raising ClientApp

@@ -60,8 +60,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
 
 
 @contextlib.contextmanager
-def superlink(log_path: Path):
-    """A private SuperLink; yields (environment, connection name)."""
+def superlink(log_path: Path, simulation: bool = True, database: Path | None = None):
+    """A private SuperLink (a simulation engine, or one that real SuperNodes connect to); yields
+    (environment, connection name, port)."""
     home = Path(tempfile.mkdtemp(prefix="collabedit-flwr-"))
     port = _free_port()
     bindir = str(Path(sys.executable).parent)
@@ -70,16 +71,16 @@ def superlink(log_path: Path):
     (home / "config.toml").write_text(
         f'[superlink.private]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     cmd = [shutil.which("flower-superlink", path=env["PATH"]) or "flower-superlink", "--insecure",
-           "--simulation", "--isolation", "subprocess",
-           "--disable-runtime-dependency-installation", "--database", str(home / "state.db"),
-           "--host", "127.0.0.1", "--port", str(port)]
+           *(["--simulation"] if simulation else []), "--isolation", "subprocess",
+           "--disable-runtime-dependency-installation", "--database",
+           str(database or home / "state.db"), "--host", "127.0.0.1", "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             _wait_for_port(port, proc)
-            yield env, "private"
+            yield env, "private", port
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -102,15 +103,20 @@ def flower_run(run_config: dict, *, clients: int, cpus_per_client: float = 1.0,
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     if float(cpus_per_client).is_integer():  # Flower wants an integer here when it is one
         cpus_per_client = int(cpus_per_client)
-    with superlink(log_path) as (env, connection):
+    with superlink(log_path) as (env, connection, _):
         cmd = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(app_dir), connection,
                "--stream", "--run-config", overrides, "--federation-config",
                f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client}"]
         with open(log_path, "ab") as log:
             subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
                            check=False)
+    return read_summary(summary_path, log_path)
+
+
+def read_summary(summary_path: Path, log_path: Path) -> dict:
+    """A finished run's summary; raises with the log's tail if the run did not finish."""
     if not summary_path.exists():
-        tail = log_path.read_text(errors="replace")[-4000:]
+        tail = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
         raise FlowerRunFailed(f"the Flower run wrote no {summary_path}; log {log_path}:\n{tail}")
     summary = json.loads(summary_path.read_text())
     if "error" in summary:

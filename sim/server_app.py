@@ -10,10 +10,12 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Context
+from safetensors.numpy import save_file
 from flwr.serverapp import Grid, ServerApp
 
 from editing.evaluate import summarize
@@ -26,6 +28,7 @@ from strategies import payload
 from strategies.flower import STRATEGIES, EditStrategy, RoundFailed
 from strategies.merge import MergeError
 
+from . import checkpoint
 from .config import RunConfig, base_targets, run_workspace, split_requests
 
 log = logging.getLogger(__name__)
@@ -124,28 +127,58 @@ def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
     run_name = cfg.run_name or f"{cfg.strategy.replace(',', '+')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = cfg.results_path.resolve() / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / checkpoint.FILE
+    state = start_state(cfg, ckpt, num_clients)
     zeros = payload.encode_deltas({l: np.zeros(tuple(weight(ws.lm.model, ws.lm.spec, l).shape))
                                    for l in ws.hp.layers})
     summary = {"config": cfg.to_dict(), "model": describe(ws.lm), "num_clients": num_clients,
                "editor": cfg.editor, "hparams": {k: v for k, v in vars(ws.hp).items()},
-               "strategies": {}}
-    finals = {}
+               "strategies": dict(state.done)}
+    if state.done or state.current:
+        summary["resumed"] = {"finished": list(state.done), "strategy": state.current and
+                              state.current.strategy, "after_round": state.current and
+                              state.current.round}
     for name in cfg.strategies:
+        if name in state.done:
+            continue
         strategy = build_strategy(name, cfg, ws, num_clients)
+        arrays, first, before = zeros, 1, 0.0
+        if state.current is not None and state.current.strategy == name:
+            c = state.current
+            strategy.history, strategy.past_kkt = c.history, c.past_kkt
+            arrays, first, before = payload.encode_deltas(c.global_deltas), c.round + 1, c.seconds
+            log.info("%s: resumed after round %d from %s", name, c.round, ckpt)
         t0 = time.perf_counter()
+
+        def on_round(rnd, arrays, strategy=strategy, name=name, t0=t0, before=before):
+            state.current = checkpoint.Progress(
+                strategy=name, round=rnd, seconds=before + time.perf_counter() - t0,
+                history=strategy.history, global_deltas=payload.decode_deltas(arrays),
+                past_kkt=strategy.past_kkt)
+            checkpoint.save(ckpt, state)
+
         try:
-            result = strategy.start(grid, zeros, num_rounds=cfg.num_server_rounds,
-                                    timeout=cfg.round_timeout)
+            result = strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds,
+                                    timeout=cfg.round_timeout, first_round=first, on_round=on_round)
         except (RoundFailed, MergeError) as err:  # the reason goes on record before the run stops
             summary["strategies"][name] = {"error": str(err), "rounds": strategy.history}
             summary["error"] = f"{name}: {err}"
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
             raise
-        finals[name] = payload.decode_deltas(result.arrays)
-        summary["strategies"][name] = {"private": strategy.private, "seconds": time.perf_counter() - t0,
-                                       "rounds": strategy.history,
-                                       "bytes_up_per_client": bytes_per_client(strategy.history)}
+        state.finals[name] = payload.decode_deltas(result.arrays)
+        if cfg.save_deltas:  # the product of the run: the merged edit, loadable on its own
+            save_file({str(l): np.ascontiguousarray(d) for l, d in state.finals[name].items()},
+                      str(run_dir / f"deltas-{name}.safetensors"),
+                      metadata={"model": ws.lm.name, "fingerprint": ws.lm.fingerprint,
+                                "layers": ",".join(map(str, ws.hp.layers)),
+                                "weight": ws.lm.spec.rewrite, "layout": "d_out x d_in"})
+        state.done[name] = summary["strategies"][name] = {
+            "private": strategy.private, "seconds": before + time.perf_counter() - t0,
+            "rounds": strategy.history, "bytes_up_per_client": bytes_per_client(strategy.history)}
+        state.current = None
+        checkpoint.save(ckpt, state)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    finals = state.finals
     if "collabedit" in finals and "global" in finals:
         # how far the private merge is from editing everything centrally, in the weights
         summary["collabedit_vs_global_rel_diff"] = {
@@ -157,8 +190,28 @@ def run(grid: Grid, cfg: RunConfig, ws: Workspace | None = None) -> dict:
     summary["path"] = str(run_dir / "summary.json")
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    ckpt.unlink(missing_ok=True)  # the summary is the finished run's record
     log.info("summary written to %s", summary["path"])
     return summary
+
+
+def start_state(cfg: RunConfig, ckpt: Path, num_clients: int) -> checkpoint.State:
+    """A fresh run's empty state, or (resume=true) the interrupted run's, checked against this
+    run config. A fresh run never overwrites an unfinished run's checkpoint."""
+    if cfg.resume and ckpt.exists():
+        state = checkpoint.load(ckpt, cfg.to_dict(), num_clients)
+        log.info("resuming %s: finished %s; %s", ckpt.parent.name, list(state.done) or "nothing",
+                 f"{state.current.strategy} after round {state.current.round}"
+                 if state.current else "no strategy in progress")
+        return state
+    if cfg.resume:
+        log.warning("resume: no checkpoint at %s (the run stopped before its first round "
+                    "ended); starting from round 1", ckpt)
+    elif ckpt.exists():
+        raise checkpoint.CheckpointError(
+            f"run {ckpt.parent.name!r} stopped before it finished and left {ckpt}: resume=true "
+            f"continues it, another run-name starts a new run")
+    return checkpoint.State(config=cfg.to_dict(), num_clients=num_clients)
 
 
 def bytes_per_client(history: list[dict]) -> float:

@@ -15,6 +15,7 @@ fingerprint, see editing.workspace.Workspace.agreement). Client -> server: "payl
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -61,6 +62,21 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float,
         missing(node)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(reason: str) -> str:
+    """A failure's reason for the record: a remote traceback (Ray's, with terminal colours)
+    comes down to what precedes it and its last line, the exception itself."""
+    text = _ANSI.sub("", reason)
+    if "Traceback (most recent call last)" in text:
+        head, _, tb = text.partition("Traceback (most recent call last)")
+        last = [l.strip() for l in tb.splitlines() if l.strip()]
+        head = " ".join(l.strip() for l in head.splitlines() if l.strip())
+        return f"{head} {last[-1] if last else ''}".strip()
+    return " ".join(l.strip() for l in text.splitlines() if l.strip())
+
+
 class EditStrategy(Strategy):
     """Rounds of: broadcast the global deltas, clients edit, merge the replies, evaluate."""
 
@@ -90,6 +106,7 @@ class EditStrategy(Strategy):
         self.past_kkt: dict[int, dict] = {}
         self.round_kkt: dict[int, dict] = {}
         self.history: list[dict] = []
+        self._names: dict[int, str] = {}  # node id -> partition id, from its replies
         self._record: dict = {}
         self._stage: list[int] = self.layers
         self.timeout = 86400.0
@@ -177,14 +194,19 @@ class EditStrategy(Strategy):
     # -- the rounds ---------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1,
               timeout: float = 86400.0, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None,
+              first_round: int = 1, on_round: Callable | None = None) -> Result:
+        """Rounds `first_round`..`num_rounds` from `initial_arrays` (a resumed run restores
+        `history` and `past_kkt` first); `on_round(rnd, arrays)` after each finished round."""
         result, arrays = Result(), initial_arrays
+        result.arrays = arrays
         self.timeout = timeout
         train_config = train_config or ConfigRecord()
-        for rnd in range(1, num_rounds + 1):
+        for rnd in range(first_round, num_rounds + 1):
             t0 = time.perf_counter()
             self._record = {"round": rnd, "bytes_up": {}, "bytes_down": 0, "failed": [],
                             "client_metrics": {}}
+            self.learn_names(grid, min(timeout, 120.0))
             arrays = self.train_round(grid, rnd, arrays, train_config, timeout)
             self.past_kkt = {l: add_psd(self.past_kkt.get(l), k) for l, k in self.round_kkt.items()}
             self.round_kkt = {}
@@ -200,6 +222,8 @@ class EditStrategy(Strategy):
                                 seconds_eval=time.perf_counter() - t1)
             self.history.append(self._record)
             log.info("%s round %d: %s", self.name, rnd, dict(metrics or {}))
+            if on_round is not None:
+                on_round(rnd, arrays)
         return result
 
     def train_round(self, grid, rnd, arrays, config, timeout) -> ArrayRecord:
@@ -214,6 +238,19 @@ class EditStrategy(Strategy):
         self._stage = self.layers
         return arrays
 
+    def learn_names(self, grid: Grid, timeout: float) -> None:
+        """Ask nodes not heard from yet who they are (a query message, answered with the party's
+        partition id), so that a party failing before its first reply is named in the record."""
+        new = [n for n in grid.get_node_ids() if n not in self._names]
+        if not new:
+            return
+        messages = [Message(RecordDict({"config": ConfigRecord({"ask": "identity"})}),
+                            dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout)
+                    for n in new]
+        for reply in stream_replies(grid, messages, timeout, lambda node: None):
+            if not reply.has_error():
+                self._client(reply)
+
     # -- helpers ------------------------------------------------------------------------------
     def _to_all(self, grid, content: RecordDict, kind: str) -> list[Message]:
         # a message outliving Flower's default 12 h lifetime would expire before a slow CPU
@@ -227,11 +264,14 @@ class EditStrategy(Strategy):
         return {f for w in wanted for f in (w, *FACTORED[w])}
 
     def _client(self, reply: Message) -> str:
+        node = reply.metadata.src_node_id
         if reply.has_content() and "metrics" in reply.content.metric_records:
             pid = reply.content["metrics"].get("partition-id")
             if pid is not None:
-                return str(int(pid))  # the partition id: "client 3" in every record and message
-        return f"on node {reply.metadata.src_node_id}"
+                # the partition id: "client 3" in every record and message, remembered so that a
+                # later failure of the same node (an error reply, no reply) names it too
+                self._names[node] = str(int(pid))
+        return self._names.get(node, f"on node {node}")
 
     def _check(self, reply: Message, client: str) -> dict[int, dict[str, np.ndarray]]:
         """Everything about a reply is checked before any of it touches a sum; its arrays are
@@ -250,7 +290,10 @@ class EditStrategy(Strategy):
         return arrays
 
     def _fail(self, client, reason: str) -> None:
-        client = f"client {client}" if isinstance(client, str) else f"client on node {client}"
+        if not isinstance(client, str):  # a node id
+            client = self._names.get(client, f"on node {client}")
+        client = f"client {client}"
+        reason = one_line(reason)
         log.warning("%s left out of round %s: %s", client, self._record.get("round"), reason)
         self._record.setdefault("failed", []).append({"client": client, "reason": reason})
 
