@@ -9,6 +9,7 @@ record raises `DataError` naming the file, its index and case_id: nothing is dro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -237,7 +238,16 @@ def _read_records(file: Path) -> list[dict]:
     try:
         return datasets.load_dataset("json", data_files=str(file), split="train").to_list()
     except Exception as e:  # datasets wraps parse errors in several exception types
+        if _empty_list(file):
+            raise DataError(f"{file}: holds no records (an empty JSON list)") from e
         raise DataError(f"{file}: not a readable JSON list of records ({e})") from e
+
+
+def _empty_list(file: Path) -> bool:
+    try:
+        return json.loads(file.read_text()) == []
+    except (OSError, ValueError):
+        return False
 
 
 def _case_id(record: dict, index: int) -> str:

@@ -84,9 +84,9 @@ def save(path: Path, state: State) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, config: dict, num_clients: int) -> State:
-    """The checkpoint at `path`, refused unless it was written by this run config and client
-    count."""
+def load(path: Path, config: dict, num_clients: int | None) -> State:
+    """The checkpoint at `path`, refused unless it was written by this run config and (unless
+    `num_clients` is None: parties with their own files, who may come and go) client count."""
     try:
         with safe_open(str(path), framework="numpy") as fh:
             meta = json.loads(fh.metadata()["state"])
@@ -96,11 +96,12 @@ def load(path: Path, config: dict, num_clients: int) -> State:
     ours, theirs = compared(config), meta["config"]
     diff = [f"{k}: {theirs.get(k, '<absent>')!r} in the checkpoint, {ours.get(k, '<absent>')!r} "
             f"in this run" for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
-    if meta["num_clients"] != num_clients:
+    if num_clients is not None and meta["num_clients"] != num_clients:
         diff.append(f"clients: {meta['num_clients']} in the checkpoint, {num_clients} in this run")
     if diff:
         raise CheckpointError(f"checkpoint {path} belongs to another run; " + "; ".join(diff))
-    state = State(config=config, num_clients=num_clients, done=meta["done"])
+    state = State(config=config, num_clients=meta["num_clients"] if num_clients is None
+                  else num_clients, done=meta["done"])
     for key, value in arrays.items():
         kind, *rest = key.split("/")
         if kind == "final":

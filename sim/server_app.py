@@ -199,7 +199,10 @@ def start_state(cfg: RunConfig, ckpt: Path, num_clients: int) -> checkpoint.Stat
     """A fresh run's empty state, or (resume=true) the interrupted run's, checked against this
     run config. A fresh run never overwrites an unfinished run's checkpoint."""
     if cfg.resume and ckpt.exists():
-        state = checkpoint.load(ckpt, cfg.to_dict(), num_clients)
+        # the client count fixes the split of a shared dataset; parties with files of their
+        # own may come back under other node ids
+        state = checkpoint.load(ckpt, cfg.to_dict(),
+                                num_clients if cfg.requests_from == "dataset" else None)
         log.info("resuming %s: finished %s; %s", ckpt.parent.name, list(state.done) or "nothing",
                  f"{state.current.strategy} after round {state.current.round}"
                  if state.current else "no strategy in progress")
