@@ -37,14 +37,18 @@ class RoundFailed(RuntimeError):
 
 
 def stream_replies(grid: Grid, messages: list[Message], timeout: float,
-                   missing: Callable[[int], None]) -> Iterator[Message]:
+                   missing: Callable[[int], None], sent_to: dict | None = None
+                   ) -> Iterator[Message]:
     """Push all messages, then yield replies as they arrive, pulling ONE at a time (a pull of
     every pending id would hand over all ready replies at once); report nodes that never
-    answered."""
+    answered. `sent_to` gets message id -> destination node: an error reply the SuperLink
+    writes for an unreachable node comes from the SuperLink, not from that node."""
     pending = {}
     for mid, m in zip(grid.push_messages(messages), messages):
         if mid:
             pending[mid] = m.metadata.dst_node_id
+            if sent_to is not None:
+                sent_to[mid] = m.metadata.dst_node_id
         else:  # the SuperLink refused it: the node is as absent as one that never answers
             missing(m.metadata.dst_node_id)
     deadline = time.monotonic() + timeout
@@ -107,6 +111,7 @@ class EditStrategy(Strategy):
         self.round_kkt: dict[int, dict] = {}
         self.history: list[dict] = []
         self._names: dict[int, str] = {}  # node id -> partition id, from its replies
+        self._sent_to: dict[str, int] = {}  # message id -> the node it went to
         self._record: dict = {}
         self._stage: list[int] = self.layers
         self.timeout = 86400.0
@@ -214,7 +219,8 @@ class EditStrategy(Strategy):
             messages = list(self.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(),
                                                     grid))
             metrics = self.aggregate_evaluate(rnd, stream_replies(
-                grid, messages, timeout, lambda node: self._fail(node, "no evaluate reply")))
+                grid, messages, timeout, lambda node: self._fail(node, "no evaluate reply"),
+                self._sent_to))
             result.arrays = arrays
             if metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = metrics
@@ -234,7 +240,8 @@ class EditStrategy(Strategy):
             self._record["bytes_down"] += sum(
                 sum(payload.nbytes(r) for r in m.content.array_records.values()) for m in messages)
             arrays, _ = self.aggregate_train(rnd, stream_replies(
-                grid, messages, timeout, lambda node: self._fail(node, "no train reply")))
+                grid, messages, timeout, lambda node: self._fail(node, "no train reply"),
+                self._sent_to))
         self._stage = self.layers
         return arrays
 
@@ -264,7 +271,7 @@ class EditStrategy(Strategy):
         return {f for w in wanted for f in (w, *FACTORED[w])}
 
     def _client(self, reply: Message) -> str:
-        node = reply.metadata.src_node_id
+        node = self._sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_content() and "metrics" in reply.content.metric_records:
             pid = reply.content["metrics"].get("partition-id")
             if pid is not None:

@@ -136,3 +136,27 @@ def test_a_reply_after_its_rounds_timeout_is_discarded_not_merged_later(tiny, tm
     assert SlowGrid.late_id not in SlowGrid.handled  # never pulled, so never merged
     assert [m["num-edits"] for m in rounds[1]["client_metrics"]["client 0"]] == [1]
     assert not rounds[1]["failed"] and len(rounds[1]["client_metrics"]) == 2
+
+
+def test_an_unreachable_node_is_named_by_where_its_message_went(tiny, tmp_path):
+    """The SuperLink answers for a node that stopped sending heartbeats, from its own node id:
+    the failure is still recorded under the party the message was for."""
+    from flwr.app import Error, Message
+
+    class OfflineGrid(InProcessGrid):
+        def pull_messages(self, message_ids):
+            for mid in message_ids:
+                msg = self._queue.get(mid)
+                if (msg is not None and msg.metadata.dst_node_id == 101
+                        and msg.metadata.message_type == MessageType.TRAIN):
+                    del self._queue[mid]
+                    reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+                    reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's
+                    yield reply
+                    continue
+                yield from super().pull_messages([mid])
+
+    cfg = rc(tmp_path, strategy="collabedit", **{"num-server-rounds": 1})
+    summary = server_app.run(OfflineGrid(2, cfg), RunConfig.from_flower(cfg))
+    failed = summary["strategies"]["collabedit"]["rounds"][0]["failed"]
+    assert failed == [{"client": "client 1", "reason": "client 1 failed: Node Unavailable"}]
