@@ -62,7 +62,7 @@ PRESETS: dict[str, dict] = {
         "title": "Figure 3: residual of repeated edits, and an overlap detector",
         "scale": "4 clients x 4 CounterFact requests edited 12 times; detector on 4 x 8 requests, "
                  "half repeated (paper: GPT2-XL / GPT-J, residual curve only)",
-        "runner": "sim.overlap",
+        "runner": "sim.experiments.overlap",
         "params": {"dataset": "counterfact", "clients": 4, "edits": 4, "repeats": 12,
                    "detector_edits": 8, "detector_repeat_fraction": 0.5,
                    # set from the repeat run: every once-edited request there fell to <= 0.76
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict] = {
         "title": "Table 5: round 1's edits after more rounds, fixed vs dynamic covariance",
         "scale": "4 clients x 4 edits per round, 6 rounds (m = 5; paper: m = 1000 rounds on "
                  "GPT2-XL / GPT-J)",
-        "runner": "sim.forgetting",
+        "runner": "sim.experiments.forgetting",
         "params": {"datasets": ["counterfact", "zsre"], "clients": 4, "edits": 4, "rounds": 6,
                    "z_model": "base",
                    # beta1 = lam is the official code's choice
@@ -82,7 +82,7 @@ PRESETS: dict[str, dict] = {
         "title": "Tables 6 and 4: conflicting edits, their damage, and the two-stage resolution",
         "scale": "Table 6: 8 CounterFact pairs, E over 4 clients and E' over 4 more (paper: 5000 pairs, "
                  "GPT-J / GPT2-XL); Table 4: 8 conflict-set pairs over 4 clients (paper: 1000 pairs)",
-        "runner": "sim.conflict",
+        "runner": "sim.experiments.conflict",
         "params": {"model": "smollm2", "seed": 0, "clients": 4, "table6_pairs": 8, "table4_pairs": 8,
                    "augment": 1, "detect_ratio": 0.5},
     },
@@ -90,7 +90,7 @@ PRESETS: dict[str, dict] = {
         "title": "Privacy: what the server learns from K K^T (CollabEdit) and from Delta (baselines)",
         "scale": "clients of 1-96 edits on CounterFact records 0-95, 200 non-member records, SmolLM2-135M "
                  "(paper section 6: GEIA text inversion from K K^T, no membership test)",
-        "runner": "sim.privacy",
+        "runner": "sim.experiments.privacy",
         "params": {"ns": [1, 2, 4, 8, 16, 32, 96], "max_clients": 8, "nonmembers": 200},
     },
 }

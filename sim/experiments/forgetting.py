@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from .config import RunConfig, run_workspace
-from .sweep import md_table, run_or_resume, write_csv
+from ..config import RunConfig, run_workspace
+from ..sweep import md_table, run_or_resume, write_csv
 
 
 def run(spec: dict, out: Path) -> str:

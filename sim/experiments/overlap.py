@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, repeats_per_round, split_requests
+from ..config import RunConfig, repeats_per_round, split_requests
 from .privacy import roc_auc
-from .sweep import md_table, run_or_resume, write_csv
+from ..sweep import md_table, run_or_resume, write_csv
 
 
 def client_values(summary: dict, rnd: int, key: str) -> dict[int, list[float]]:

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sim import forgetting, overlap
-from sim.overlap import detection
+from sim.experiments import forgetting, overlap
+from sim.experiments.overlap import detection
 
 
 def test_detection_counts_and_auc():

@@ -10,7 +10,7 @@ import torch
 from editing.data import EditRequest
 from editing.memit import read_keys
 from editing.update import solve_layer
-from sim.privacy import (best_cos, delta_gain, delta_span_basis, measure, next_token_with,
+from sim.experiments.privacy import (best_cos, delta_gain, delta_span_basis, measure, next_token_with,
                          recover_residuals, report, roc_auc, span_basis, span_fraction, tpr_at_fpr)
 from tests.sim.conftest import REQUESTS
 

@@ -37,7 +37,7 @@ from editing.memit import compute_z, fill, read_keys, subject_last_index, target
 from editing.update import solve_layer
 from editing.models import cache_dir, module
 
-from .sweep import md_table, write_csv
+from ..sweep import md_table, write_csv
 
 DEFAULTS = {"model": "smollm2", "dataset": "counterfact", "members": 96, "nonmember_offset": 100,
             "nonmembers": 200, "ns": [1, 2, 4, 8, 16, 32, 96], "max_clients": 8, "readout_n": 16,

@@ -38,7 +38,7 @@ from editing.models import cache_dir
 from editing.workspace import open_workspace
 from strategies.merge import collabedit
 
-from .sweep import md_table, write_csv
+from ..sweep import md_table, write_csv
 
 DEFAULTS = {"model": "smollm2", "seed": 0, "clients": 4, "table6_pairs": 8, "table4_pairs": 8,
             "augment": 1, "detect_ratio": 0.5}

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import sim.conflict as conflict
+import sim.experiments.conflict as conflict
 from editing.memit import edit
 from tests.sim.conftest import REQUESTS
 
