@@ -211,6 +211,7 @@ class EditStrategy(Strategy):
             t0 = time.perf_counter()
             self._record = {"round": rnd, "bytes_up": {}, "bytes_down": 0, "failed": [],
                             "client_metrics": {}}
+            self._sent_to.clear()  # only this round's replies are pulled
             self.learn_names(grid, min(timeout, 120.0))
             arrays = self.train_round(grid, rnd, arrays, train_config, timeout)
             self.past_kkt = {l: add_psd(self.past_kkt.get(l), k) for l, k in self.round_kkt.items()}
