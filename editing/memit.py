@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import EditRequest
-from .models import LoadedModel, MemitHparams, module
+from .models import LoadedModel, MemitHparams, check_layers, module
 from .stats import StopForward
 from .update import LayerEdit, applied, apply_deltas, layer_update, solve_layer  # noqa: F401  (re-exported)
 
@@ -227,6 +227,7 @@ class _Packed:
     start: torch.Tensor  # (batch rows,) flat slot of each active row's subject token, else -1
     place: torch.Tensor  # (P * W, active requests) one-hot: whose delta is added at each slot
     h0: torch.Tensor  # (P, W, d) z-layer output at the packed positions, before any delta
+    m0: torch.Tensor  # (P, W, d_z) z's value there (h0 itself unless z is an MLP output)
     calls: list[dict]  # per block above z: its keyword arguments
 
 
@@ -244,10 +245,10 @@ class _SuffixPass:
     another, then its own positions.
     """
 
-    def __init__(self, lm: LoadedModel, b: "_ZBatch", blocks, calls, kv, h0):
+    def __init__(self, lm: LoadedModel, b: "_ZBatch", blocks, calls, kv, h0, m0, point):
         impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
         self.bool_mask = impl == "sdpa"  # sdpa: True = attend; eager: an additive float mask
-        self.b, self.blocks, self.h0 = b, blocks, h0
+        self.b, self.blocks, self.h0, self.m0, self.point = b, blocks, h0, m0, point
         # a rewriting row needs its positions up to its last target-predicting one (its end);
         # the KL row only the subject's last token, where its distribution is read
         self.length = b.mask.sum(1) - b.lookup
@@ -330,7 +331,8 @@ class _SuffixPass:
                                         v[k_row, :, k_pos].transpose(1, 2))})
             calls.append({name: self._cut(name, value, q_pos, widest, mask, cache)
                           for name, value in flat.items()})
-        return _Packed(start=start.to(dev), place=place, h0=self.h0[q_row, q_pos], calls=calls)
+        return _Packed(start=start.to(dev), place=place, h0=self.h0[q_row, q_pos],
+                       m0=self.m0[q_row, q_pos], calls=calls)
 
     @staticmethod
     def _cut(name, value, positions, prefix, mask, cache):
@@ -351,21 +353,52 @@ class _SuffixPass:
 
     def run(self, packed: _Packed, delta: torch.Tensor) -> torch.Tensor:
         """The loss layer's output, (P * W, d) flat over the packed slots."""
-        h = packed.h0 + (packed.place @ delta.to(packed.h0.dtype)).view(packed.h0.shape)
+        d = (packed.place @ delta.to(packed.m0.dtype)).view(packed.m0.shape)
+        h = packed.h0 + self.point.shift(packed.m0, d)
         for blk, call in zip(self.blocks, packed.calls):
             h = _block_output(blk(**{self.hidden_name: h}, **call))
         return h.flatten(0, 1)
 
 
+class _ZPoint:
+    """Where z lives and how a change of it reaches the residual stream.
+
+    MEMIT optimises z as the last edited block's output: the MLP output joins the residual stream
+    by addition, so a change d of it moves the block's output by d, and one residual can be split
+    over several layers. Where the MLP output is normalised first (Gemma-2/3's post-feedforward
+    RMSNorm), a block output is reachable only through that norm (its image is a scaled sphere,
+    not the whole space), so z is the MLP output itself, ROME's v*, of the one edited layer, and
+    a change d of it moves the block's output by post(m0 + d) - post(m0).
+    """
+
+    def __init__(self, lm: LoadedModel, z_layer: int):
+        spec = lm.spec
+        self.post = module(lm.model, spec.mlp_post.format(z_layer)) if spec.mlp_post else None
+        # the module whose output z is: the block, or the rewrite module (the MLP's last linear)
+        self.at = module(lm.model, (spec.rewrite if self.post is not None else spec.block)
+                         .format(z_layer))
+
+    def shift(self, m0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The change of the block output where z's value m0 becomes m0 + d (d = 0: exactly 0)."""
+        if self.post is None:
+            return d
+        return self.post(m0 + d) - self.post(m0)
+
+
 def _first_pass(lm: LoadedModel, ids, mask, z_layer: int, loss_layer: int):
-    """One no-grad pass over whole rows: the z layer's output, the call of every block above it
-    (its arguments), the attention cache and the loss layer's output; nothing later runs."""
+    """One no-grad pass over whole rows: the z layer's output, the value of z's module there (the
+    same tensor unless z is an MLP output, see `_ZPoint`), the call of every block above it (its
+    arguments), the attention cache and the loss layer's output; nothing later runs."""
     model, spec = lm.model, lm.spec
     captured: dict = {}
     calls: list = []
+    point = _ZPoint(lm, z_layer)
 
     def keep_output(_m, _args, out):
         captured["h0"] = _block_output(out).detach()
+
+    def keep_z(_m, _args, out):
+        captured["m0"] = _block_output(out).detach()
 
     def keep_call(_m, args, kwargs):
         calls.append((args, kwargs))
@@ -376,6 +409,8 @@ def _first_pass(lm: LoadedModel, ids, mask, z_layer: int, loss_layer: int):
 
     blocks = [module(model, spec.block.format(i)) for i in range(z_layer + 1, loss_layer + 1)]
     handles = [module(model, spec.block.format(z_layer)).register_forward_hook(keep_output)]
+    if point.post is not None:
+        handles.append(point.at.register_forward_hook(keep_z))
     handles += [blk.register_forward_pre_hook(keep_call, with_kwargs=True) for blk in blocks]
     after = (module(model, spec.block.format(loss_layer + 1)) if loss_layer + 1 <
              model.config.num_hidden_layers else module(model, spec.final_norm))
@@ -388,30 +423,35 @@ def _first_pass(lm: LoadedModel, ids, mask, z_layer: int, loss_layer: int):
             h.remove()
     cache = next((v for args, kwargs in calls[:1] for v in (*args, *kwargs.values())
                   if _is_cache(v)), None)
-    return blocks, calls, cache, captured["h0"], captured["last"]
+    h0 = captured["h0"]
+    return blocks, calls, cache, h0, captured.get("m0", h0), captured["last"]
 
 
 def _prefix_pass(lm: LoadedModel, b: "_ZBatch", z_layer: int, loss_layer: int, parts: int = 4):
     """The first pass for the suffix pass, over rows sorted by length in a few parts, each padded
     only to its own longest row (the prompts of one batch differ in length by half or more).
     Returns the blocks above z, their calls in the widest part, {attention layer: (K, V)} for
-    every row, the z layer's and the loss layer's outputs, all at the full batch's width."""
+    every row, the z layer's output, z's value (see `_first_pass`) and the loss layer's output,
+    all at the full batch's width."""
     lengths = b.mask.sum(1)
     order = torch.argsort(lengths, stable=True)
     width = b.ids.shape[1]
-    h0 = last = None
+    h0 = m0 = last = None
     kv: dict = {}
     widest = None
     for rows in torch.tensor_split(order, min(parts, len(order))):
         w = int(lengths[rows].max())
-        blocks, calls, cache, h0_p, last_p = _first_pass(lm, b.ids[rows, :w], b.mask[rows, :w],
-                                                         z_layer, loss_layer)
+        blocks, calls, cache, h0_p, m0_p, last_p = _first_pass(
+            lm, b.ids[rows, :w], b.mask[rows, :w], z_layer, loss_layer)
         if cache is None:
             raise _Unsupported("the model's blocks take no KV cache")
         if h0 is None:
             h0 = h0_p.new_zeros(len(lengths), width, h0_p.shape[-1])
+            m0 = h0 if m0_p is h0_p else m0_p.new_zeros(len(lengths), width, m0_p.shape[-1])
             last = last_p.new_zeros(len(lengths), width, last_p.shape[-1])
         h0[rows, :w], last[rows, :w] = h0_p, last_p
+        if m0 is not h0:
+            m0[rows, :w] = m0_p
         for blk in blocks:
             idx = _attention_index(blk)
             k_p, v_p = _layer_kv(cache, idx)
@@ -425,7 +465,7 @@ def _prefix_pass(lm: LoadedModel, b: "_ZBatch", z_layer: int, loss_layer: int, p
         for name, value in kwargs.items():
             if name == "position_embeddings" and any(t.shape[0] != 1 for t in value):
                 raise _Unsupported("per-row position embeddings")
-    return blocks, widest, kv, h0, last
+    return blocks, widest, kv, h0, m0, last
 
 
 class _Heads:
@@ -459,6 +499,7 @@ class _Objective:
         self.rows_of = [torch.nonzero(b.owner == j).squeeze(1) for j in range(self.n)]
         self.tgt_of = [torch.nonzero(self.tgt_owner == j).squeeze(1) for j in range(self.n)]
         z_layer, loss_layer = hp.layers[-1], _loss_layer(lm, hp)
+        self.point = _ZPoint(lm, z_layer)
         self.suffix = None
         try:
             impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
@@ -466,12 +507,12 @@ class _Objective:
                 raise _Unsupported(f"attention implementation {impl!r}")
             if z_layer == loss_layer:
                 raise _Unsupported("z is read at the loss layer: there is no block above it")
-            blocks, calls, kv, self.h0, last = _prefix_pass(lm, b, z_layer, loss_layer)
-            self.suffix = _SuffixPass(lm, b, blocks, calls, kv, self.h0)
+            blocks, calls, kv, self.h0, self.m0, last = _prefix_pass(lm, b, z_layer, loss_layer)
+            self.suffix = _SuffixPass(lm, b, blocks, calls, kv, self.h0, self.m0, self.point)
             dev = self.h0.device
-            self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
+            self.target_init = self.m0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
             with torch.no_grad():
-                zero = torch.zeros(self.n, self.h0.shape[-1], dtype=self.heads.dtype, device=dev)
+                zero = torch.zeros(self.n, self.m0.shape[-1], dtype=self.heads.dtype, device=dev)
                 logp, _, tgt = self.forward(zero, torch.arange(self.n, device=dev))
                 full = self.heads(last[b.tgt_row[tgt], b.tgt_pos[tgt]])
                 full = full.gather(1, b.tgt_id[tgt][:, None]).squeeze(1)
@@ -482,14 +523,15 @@ class _Objective:
             if z_layer != loss_layer:
                 log.warning("z: suffix-only pass unavailable (%s); every step runs whole rows", why)
             self.suffix = None
-            blocks, calls, _, self.h0, _ = _first_pass(lm, b.ids, b.mask, z_layer, loss_layer)
+            blocks, calls, _, self.h0, self.m0, _ = _first_pass(lm, b.ids, b.mask, z_layer,
+                                                                 loss_layer)
             # bound once, not every step; the first pass's cache must not be appended to again
             self.calls = []
             for blk, (args, kwargs) in zip(blocks, calls):
                 name, flat = _bound_call(blk, args, kwargs)
                 self.calls.append((blk, name, {k: (None if _is_cache(v) else v)
                                                for k, v in flat.items()}))
-            self.target_init = self.h0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
+            self.target_init = self.m0[b.first_row, b.lookup[b.first_row]].to(self.heads.dtype)
 
     def forward(self, delta: torch.Tensor, active: torch.Tensor):
         b, dev = self.b, self.h0.device
@@ -508,9 +550,10 @@ class _Objective:
 
     def _whole_rows(self, delta, active, tgt):
         """Every row, every position, every step (finished requests keep their frozen delta)."""
-        b, h0 = self.b, self.h0
+        b, h0, m0 = self.b, self.h0, self.m0
         rows = torch.arange(len(b.owner), device=h0.device)
-        h = h0.index_put((rows, b.lookup), h0[rows, b.lookup] + delta[b.owner].to(h0.dtype))
+        at = (rows, b.lookup)
+        h = h0.index_put(at, h0[at] + self.point.shift(m0[at], delta[b.owner].to(m0.dtype)))
         for blk, name, flat in self.calls:
             h = _block_output(blk(**{name: h}, **flat))
         t_logp = self.heads(h[b.tgt_row[tgt], b.tgt_pos[tgt]])
@@ -587,14 +630,14 @@ def _z_chunk(lm: LoadedModel, requests, hp: MemitHparams, templates, bar=None) -
 
 
 _Z_FIELDS = ("z", "z_init", "p_target", "steps")
-Z_CACHE_VERSION = 2  # bump whenever the z optimisation changes: old cache files are then ignored
+Z_CACHE_VERSION = 3  # bump whenever the z optimisation changes: old cache files are then ignored
 
 
 def z_key(lm: LoadedModel, request: EditRequest, hp: MemitHparams, templates) -> str:
     """What a request's z depends on: the model as it is now (base weights plus applied deltas),
     the request, the optimisation settings and the templates; not lam, not the earlier layers."""
     what = [Z_CACHE_VERSION, lm.fingerprint, lm.state, request.prompt, request.subject, request.target_new,
-            hp.layers[-1], _loss_layer(lm, hp), hp.v_lr, hp.v_num_grad_steps,
+            hp.layers[-1], lm.spec.mlp_post, _loss_layer(lm, hp), hp.v_lr, hp.v_num_grad_steps,
             hp.clamp_norm_factor, hp.kl_factor, hp.v_weight_decay, templates]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
 
@@ -636,7 +679,8 @@ def compute_z(lm: LoadedModel, requests, hp: MemitHparams, templates, *, progres
 def read_keys(lm: LoadedModel, requests, layers, z_layer: int, templates, batch_size: int = 64):
     """Keys of each layer (input of its rewrite module at the subject's last token, averaged over
     context templates as the reference: mean over template groups of the mean within a group) and
-    the z layer's current output at the bare prompt, from one forward pass per batch.
+    z's current value (the z layer's output, or its MLP output: `_ZPoint`) at the bare prompt, from
+    one forward pass per batch.
 
     Returns ({layer: (n, d_in)}, (n, d_model)).
     """
@@ -663,7 +707,7 @@ def read_keys(lm: LoadedModel, requests, layers, z_layer: int, templates, batch_
 
     handles = [module(model, spec.rewrite.format(l)).register_forward_pre_hook(key_hook(l))
                for l in layers]
-    handles.append(module(model, spec.block.format(z_layer)).register_forward_hook(out_hook))
+    handles.append(_ZPoint(lm, z_layer).at.register_forward_hook(out_hook))
     try:
         for s in range(0, len(rows), batch_size):
             ids, mask = _pad(rows[s:s + batch_size], tok.pad_token_id, lm.device)
@@ -743,6 +787,7 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hp: MemitHparams,
         raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
     if not requests:
         raise ValueError("no edit requests")
+    check_layers(lm, hp.layers)
     missing = [layer for layer in hp.layers if layer not in cov]
     if missing:
         raise KeyError(f"no covariance for edited layers {missing}")

@@ -60,8 +60,11 @@ def _request_rows(tok, prompt: str, subject: str, target: str, templates):
     return rows, target_tokens
 
 
-def reference_z(lm, request, hp, templates) -> dict:
-    """One request's z as the original MEMIT computes it. Returns z, z_init, p_target, steps."""
+def reference_z(lm, request, hp, templates, *, at: str | None = None) -> dict:
+    """One request's z as the original MEMIT computes it. Returns z, z_init, p_target, steps.
+
+    `at`: the path of the module whose output delta is added to, "{}" for the layer; by default
+    the last edited block (MEMIT); an MLP output path gives ROME's v* there."""
     model, tok = lm.model, lm.tok
     device = next(model.parameters()).device
     rows, target_tokens = _request_rows(tok, request.prompt, request.subject, request.target_new,
@@ -92,7 +95,8 @@ def reference_z(lm, request, hp, templates) -> dict:
         return output
 
     z_layer = hp.layers[-1]
-    handle = _blocks(model)[z_layer].register_forward_hook(add_delta)
+    hooked = _blocks(model)[z_layer] if at is None else model.get_submodule(at.format(z_layer))
+    handle = hooked.register_forward_hook(add_delta)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init, steps, nll = None, 0, None
     try:

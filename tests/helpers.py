@@ -12,6 +12,8 @@ from functools import lru_cache
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -78,7 +80,7 @@ def tiny_model(kind: str = "gpt2", dtype: torch.dtype = torch.float64, seed: int
     Random tied-embedding models tend to predict the current token again, which gives tests a
     predictable mix of right and wrong argmaxes (a repeated word is "known", a new word is not).
     """
-    tok = tiny_tokenizer(kind)
+    tok = tiny_tokenizer("gpt2" if kind == "gpt2" else "llama")
     torch.manual_seed(seed)
     if kind == "gpt2":
         cfg = GPT2Config(
@@ -94,6 +96,21 @@ def tiny_model(kind: str = "gpt2", dtype: torch.dtype = torch.float64, seed: int
             pad_token_id=tok.pad_token_id, tie_word_embeddings=True,  # tied, like SmolLM2
         )
         model = LlamaForCausalLM(cfg)
+    elif kind == "gemma3":
+        # Gemma-3's layout: the MLP output is RMS-normalised before it joins the residual
+        cfg = Gemma3TextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+            sliding_window=64, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                         "sliding_attention"], bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        )
+        model = Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma's norms start at weight 0 (scale 1): make them differ
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(-0.5, 0.5)
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     return model.to(dtype).eval()

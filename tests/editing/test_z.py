@@ -80,7 +80,8 @@ def test_fast_z_equals_the_independent_reference(kind, attn, caplog):
     for i, req in enumerate(REQUESTS):
         ref = reference_z(lm, req, HP, TEMPLATES)
         assert rel(fast.z[i], ref["z"]) <= tol, (req.case_id, rel(fast.z[i], ref["z"]))
-        assert rel(fast.z_init[i], ref["z_init"]) <= 1e-12
+        # z_init, too, passes through that float32 softmax (at a different padded width)
+        assert rel(fast.z_init[i], ref["z_init"]) <= (1e-12 if tol == 1e-9 else 1e-6)
         assert int(fast.steps[i]) == ref["steps"], req.case_id
         assert abs(float(fast.p_target[i]) - float(ref["p_target"])) <= tol
     assert fast.steps[EARLY] < HP.v_num_grad_steps - 1  # stopped early, left the batch
