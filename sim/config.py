@@ -52,6 +52,9 @@ class RunConfig:
     z_model: str = "current"
     # share of each client's requests in rounds >= 2 that repeat its round-1 requests (overlap)
     repeat_fraction: float = 0.0
+    # a preset file (python -m editing.tune writes one) in place of the model's preset; "" = the
+    # tuned preset installed for this model if there is one, else the built-in preset
+    hparams_file: str = ""
     layers: str = ""  # e.g. "4-8"; "" = the model preset
     mom2_update_weight: float = 0.0  # lam; 0 = preset
     v_num_grad_steps: int = 0  # 0 = preset
@@ -257,4 +260,4 @@ def run_workspace(cfg: RunConfig, progress: bool = True) -> Workspace | MalmenWo
                           mom2_update_weight=cfg.mom2_update_weight,
                           v_num_grad_steps=cfg.v_num_grad_steps, cov_samples=cfg.cov_samples,
                           cov_max_length=cfg.cov_max_length, data_dir=cfg.data_dir or None,
-                          progress=progress)
+                          hparams_file=cfg.hparams_file or None, progress=progress)
