@@ -118,6 +118,13 @@ class RunConfig:
         if self.protocol == "layerwise" and self.edit_mode != "sequential":
             raise ValueError('protocol="layerwise" exists to make sequential MEMIT exact; with '
                              'edit-mode="parallel" one-shot is already exact: use protocol="one-shot"')
+        if self.hparams_file and not Path(self.hparams_file).is_absolute() and not Path(
+                self.hparams_file).exists():
+            raise ValueError(f"hparams-file {self.hparams_file!r}: no such file from {Path.cwd()}; "
+                             "`flwr run` starts the apps in Flower's own folder, not where the "
+                             "command was typed: give an absolute path")
+        if self.hparams_file and self.editor != "memit":
+            raise ValueError("hparams-file holds MEMIT settings; MALMEN's come with its network")
         if self.editor == "malmen" and (self.protocol != "one-shot" or self.z_model != "current"):
             raise ValueError('editor="malmen" reads every layer\'s keys in one pass and has no z: '
                              'use protocol="one-shot" and z-model="current"')

@@ -82,8 +82,13 @@ def test_a_tuned_preset_in_the_user_cache_is_used_and_said(tmp_path, monkeypatch
     assert other.spec.hparams != tuned  # another model's fingerprint finds nothing
 
 
-def test_the_run_config_takes_a_preset_file():
-    assert RunConfig.from_flower({"hparams-file": "p.json"}).hparams_file == "p.json"
+def test_the_run_config_takes_a_preset_file(tmp_path):
+    path = write_preset(tmp_path / "p.json", MemitHparams(layers=(1,)))
+    assert RunConfig.from_flower({"hparams-file": str(path)}).hparams_file == str(path)
+    with pytest.raises(ValueError, match=r"hparams-file 'nowhere.json': no such file.*absolute"):
+        RunConfig.from_flower({"hparams-file": "nowhere.json"})
+    with pytest.raises(ValueError, match=r"hparams-file holds MEMIT settings"):
+        RunConfig.from_flower({"hparams-file": str(path), "editor": "malmen"})
 
 
 def test_tune_measures_writes_and_installs_a_preset(tmp_path, monkeypatch, shared_data, capsys):
