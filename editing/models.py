@@ -121,6 +121,10 @@ PRESETS: dict[str, MemitHparams] = {
                                     mom2_update_weight=15000.0),
     "smollm2": MemitHparams(layers=(4, 5, 6, 7, 8), v_lr=0.5, v_num_grad_steps=25,
                             mom2_update_weight=3000.0),
+    # measured by python -m editing.tune (results/hparams/gemma3-270m-preset.json): one layer,
+    # as a post-feedforward-norm family must be edited (ModelSpec.mlp_post)
+    "gemma3-270m": MemitHparams(layers=(1,), v_lr=0.5, v_num_grad_steps=25,
+                                mom2_update_weight=1000.0),
 }
 
 

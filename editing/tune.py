@@ -195,6 +195,11 @@ def tune(model: str = "smollm2", *, dataset: str = "counterfact", dataset_path=N
                             f.write(json.dumps({"model": model, "mode": mode, "n": len(requests),
                                                 "offset": offset, **rows[-1]}) + "\n")
     chosen = choose(rows, tolerance)
+    best = max(rows, key=lambda r: r["score"])
+    if best["lam"] == min(lams) and len(lams) > 1:
+        # the measurement has not bracketed the optimum: a smaller lam may score better still
+        log.warning("the best Score (%.1f, layers %s) is at the smallest lam measured (%g): "
+                    "extend --lams below it", best["score"], best["layers"], best["lam"])
     hp = base.with_overrides(layers=parse_layers(chosen["layers"]),
                              mom2_update_weight=chosen["lam"])
     total = time.perf_counter() - t_start

@@ -97,6 +97,8 @@ def flower_run(run_config: dict, *, clients: int, cpus_per_client: float = 1.0,
     """Run one simulation to the end; returns its summary.json (raises if it did not finish)."""
     if "results-dir" not in run_config or "run-name" not in run_config:
         raise ValueError("give results-dir and run-name: the summary file is how success is seen")
+    if run_config.get("hparams-file"):  # the apps may start in Flower's folder, not this one
+        run_config = {**run_config, "hparams-file": str(Path(run_config["hparams-file"]).resolve())}
     summary_path = Path(run_config["results-dir"]) / run_config["run-name"] / "summary.json"
     summary_path.unlink(missing_ok=True)
     log_path = log_path or summary_path.with_name("flower.log")

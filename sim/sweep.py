@@ -145,8 +145,6 @@ def run_or_resume(clients: int, rc: dict, runs: Path, backend: str = "inprocess"
                   name: str | None = None) -> dict:
     """One run, unless its finished summary is already on disk (an interrupted sweep resumes)."""
     rc = {**rc, "results-dir": str(runs), "run-name": name or run_name(clients, rc)}
-    if rc.get("hparams-file"):  # the Flower runtime starts the apps in its own folder
-        rc["hparams-file"] = str(Path(rc["hparams-file"]).resolve())
     path = runs / rc["run-name"] / "summary.json"
     if path.exists() and "finished" in (done := json.loads(path.read_text())):
         log.info("already done: %s", rc["run-name"])
