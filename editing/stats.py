@@ -79,6 +79,14 @@ def _cache_path(lm: LoadedModel, layer: int, sample_size: int, max_length: int,
     return cache_dir() / "stats" / lm.fingerprint / name
 
 
+def missing_layers(lm: LoadedModel, layers, sample_size: int = 1000, max_length: int = 256,
+                   data_dir=None) -> list[int]:
+    """The layers whose second moments `second_moments` would still have to measure."""
+    source = text_source(data_dir)
+    return [l for l in sorted(layers)
+            if not _cache_path(lm, l, sample_size, max_length, source).exists()]
+
+
 def second_moments(lm: LoadedModel, layers, *, sample_size: int = 1000, max_length: int = 256,
                    batch_size: int = 16, data_dir=None, progress: bool = True
                    ) -> dict[int, torch.Tensor]:

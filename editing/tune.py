@@ -39,7 +39,7 @@ from .evaluate import SCORE_KEYS, evaluate
 from .memit import compute_z, context_templates, edit, fixed_covariance
 from .models import (LoadedModel, cache_dir, check_layers, load_model, module, parse_layers,
                      preset_path, write_preset)
-from .stats import StopForward, _cache_path, second_moments, text_source, wiki_texts
+from .stats import StopForward, missing_layers, second_moments, wiki_texts
 from .update import applied
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def _label(layers) -> str:
 
 def _stats_seconds(lm: LoadedModel, layers, sample_size, max_length, data_dir) -> float:
     """Seconds the second moments still missing from the cache will take: one batch timed."""
-    source = text_source(data_dir)
-    todo = [l for l in layers if not _cache_path(lm, l, sample_size, max_length, source).exists()]
+    todo = missing_layers(lm, layers, sample_size, max_length, data_dir)
     if not todo:
         return 0.0
     batch = lm.tok(wiki_texts(16, data_dir), return_tensors="pt", padding=True, truncation=True,
